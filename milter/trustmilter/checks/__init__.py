@@ -1,0 +1,10 @@
+"""The checks, in one explicit list. Adding a check = a module here + its config section in
+data/defaults.yaml + its test file. The pipeline runs every check whose DEPENDS are done,
+concurrently, on one DNS session with the message's deadline."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from trustmilter.checks import arc, dkim, dmarc, helo, iprev, spf
+
+ALL: tuple[ModuleType, ...] = (spf, dkim, arc, iprev, helo, dmarc)

@@ -1,0 +1,193 @@
+"""``evaluate(envelope, raw) -> Verdict``: the one call the milter, ``scan`` and the benchmarks
+share. It is a function of (envelope, raw message, engine), where the engine holds config,
+resolver and state, so worker processes can each build one and run it."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from trustmilter import authresults, checks
+from trustmilter.checks.base import CheckContext, CheckResult, ForcedAction
+from trustmilter.config import Config, load_config
+from trustmilter.dns import Resolver, session_for
+from trustmilter.message import ParsedMessage
+from trustmilter.received import parse_networks
+from trustmilter.scoring import decide
+from trustmilter.types import Action, Envelope, Symbol, Verdict
+
+log = logging.getLogger("trustmilter.pipeline")
+
+# Order of the Authentication-Results pieces (readers expect spf/dkim before dmarc).
+_AR_ORDER = ("spf", "dkim", "arc", "dmarc", "iprev")
+
+
+@dataclass
+class Engine:
+    """Everything ``evaluate`` needs besides the message: built once per process."""
+
+    config: Config
+    resolver: Resolver
+    checks: tuple[ModuleType, ...] = checks.ALL
+    state: dict[str, Any] = field(default_factory=dict)
+    trusted_networks: list[Any] = field(default_factory=list)
+    trusted_relays: list[Any] = field(default_factory=list)
+    disabled: dict[str, str] = field(default_factory=dict)   # check name -> why
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config | None = None) -> "Engine":
+        config = config or load_config()
+        engine = cls(config=config, resolver=Resolver.from_config(config.section("dns")))
+        engine.trusted_networks = parse_networks(config.data["trusted_networks"])
+        engine.trusted_relays = parse_networks(config.data["trusted_relays"])
+        for module in engine.checks:
+            section = config.data.get(module.NAME, {})
+            if isinstance(section, dict) and section.get("enabled", True) is False:
+                engine.disabled[module.NAME] = "disabled in config"
+            setup = getattr(module, "setup", None)
+            if setup is not None and module.NAME not in engine.disabled:
+                try:
+                    setup(engine)
+                except Exception as exc:  # noqa: BLE001 - a bad check config disables it, loudly
+                    log.error("check %s disabled: %s", module.NAME, exc)
+                    engine.disabled[module.NAME] = str(exc)
+        return engine
+
+    def cached(self, key: str, factory: Callable[[], Any]) -> Any:
+        """Per-engine state built once (a PSL, compiled rules, a model)."""
+        with self._lock:
+            if key not in self.state:
+                self.state[key] = factory()
+            return self.state[key]
+
+
+_default_engine: Engine | None = None
+_executor: cf.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    global _default_engine
+    if _default_engine is None:
+        _default_engine = Engine.from_config()
+    return _default_engine
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    # Checks mostly wait on DNS: threads overlap the waits. Created lazily so that a milter
+    # process can block signals before any thread exists (see PITFALLS: libmilter signals).
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="check")
+        return _executor
+
+
+def evaluate(envelope: Envelope, raw: bytes, engine: Engine | None = None) -> Verdict:
+    """Run every check on one message and decide what happens to it."""
+    engine = engine or default_engine()
+    started = time.perf_counter()
+    config = engine.config
+    message = ParsedMessage.parse(raw)
+    deadline = float(config.section("dns")["deadline"])
+    session = session_for(engine.resolver, deadline)
+    ctx = CheckContext(envelope=envelope, message=message, dns=session, config=config,
+                       engine=engine)
+    timings: dict[str, float] = {}
+    symbols: list[Symbol] = []
+    results = _run_checks(ctx, engine, timings, symbols, deadline)
+
+    ar_pieces: list[Any] = []
+    forced: list[ForcedAction] = []
+    for name in _AR_ORDER:
+        if name in results:
+            ar_pieces.extend(results[name].authres)
+    for name, result in results.items():
+        symbols.extend(result.symbols)
+        if result.forced is not None:
+            forced.append(result.forced)
+    symbols.sort(key=lambda s: (-abs(s.score), s.name))
+    decision = decide(symbols, forced, config)
+    ar_value = authresults.build(config.authserv_id, ar_pieces)
+    elapsed = (time.perf_counter() - started) * 1000
+    verdict = Verdict(
+        action=decision.action, score=decision.score, symbols=symbols,
+        authentication_results=ar_value, reason=decision.reason,
+        smtp_code=decision.smtp_code, smtp_xcode=decision.smtp_xcode,
+        timings_ms=timings, elapsed_ms=elapsed, assumptions=envelope.assumptions,
+    )
+    verdict.add_headers = _spam_headers(verdict, decision.intended, config)
+    if verdict.action is Action.JUNK and config.section("actions")["subject_tag"]:
+        verdict.subject_tag = str(config.section("actions")["subject_tag"])
+    return verdict
+
+
+def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
+                symbols: list[Symbol], deadline: float) -> dict[str, CheckResult]:
+    pending = [m for m in engine.checks if m.NAME not in engine.disabled]
+    done: dict[str, CheckResult] = {}
+    running: dict[cf.Future[CheckResult], ModuleType] = {}
+    pool = _pool()
+    # Checks whose own DNS work is bounded by the session deadline get a little grace on top.
+    hard_stop = time.monotonic() + deadline + 2.0
+
+    def launch_ready() -> None:
+        for module in list(pending):
+            if all(dep in done or dep in engine.disabled for dep in module.DEPENDS):
+                pending.remove(module)
+                running[pool.submit(_timed, module, ctx, timings)] = module
+
+    launch_ready()
+    while running:
+        left = hard_stop - time.monotonic()
+        finished, _ = cf.wait(running, timeout=max(0.0, left), return_when=cf.FIRST_COMPLETED)
+        if not finished:
+            for fut, module in running.items():
+                fut.cancel()
+                symbols.append(ctx.symbol(f"{module.NAME.upper()}_TIMEOUT",
+                                          f"{module.NAME} did not finish within the deadline"))
+                log.error("check %s timed out", module.NAME)
+                done[module.NAME] = CheckResult()
+            running.clear()
+            break
+        for fut in finished:
+            module = running.pop(fut)
+            try:
+                result = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a failing check is a symbol, not a lost message
+                log.exception("check %s failed", module.NAME)
+                result = CheckResult(symbols=[ctx.symbol(
+                    f"{module.NAME.upper()}_ERROR", f"{type(exc).__name__}: {exc}"[:200])])
+            done[module.NAME] = result
+            ctx.results[module.NAME] = result
+        launch_ready()
+    for module in pending:  # dependencies never finished
+        done[module.NAME] = CheckResult()
+    return done
+
+
+def _timed(module: ModuleType, ctx: CheckContext, timings: dict[str, float]) -> CheckResult:
+    t0 = time.perf_counter()
+    try:
+        return module.run(ctx)
+    finally:
+        timings[module.NAME] = round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _spam_headers(verdict: Verdict, intended: Action, config: Config) -> list[tuple[str, str]]:
+    """SpamAssassin-compatible headers, so existing Sieve scripts work unchanged."""
+    is_spam = intended is not Action.INBOX
+    tests = ",".join(f"{s.name}={s.score:g}" for s in verdict.symbols if s.score != 0)
+    status = (f"{'Yes' if is_spam else 'No'}, score={verdict.score:.2f} "
+              f"required={float(config.section('actions')['junk']):.1f} tests={tests or 'none'}")
+    headers = [("X-Spam-Score", f"{verdict.score:.2f}"), ("X-Spam-Status", status)]
+    if verdict.action is Action.JUNK:
+        headers.insert(0, ("X-Spam-Flag", "YES"))
+    if config.section("actions")["shadow"] and intended is not verdict.action:
+        headers.append(("X-Trustmilter-Shadow-Action", intended.value))
+    return headers

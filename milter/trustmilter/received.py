@@ -1,0 +1,66 @@
+"""Find the SMTP client behind our own relays from Received headers (for ``scan`` and for mail
+handed to us by a trusted relay). Received headers are prepended, so the first one is ours."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from trustmilter.message import ParsedMessage
+
+# "from HELO (rdns [1.2.3.4])" / "from HELO ([IPv6:2001:db8::1])" / "from HELO (1.2.3.4)"
+_FROM = re.compile(r"^\s*from\s+(\S+)", re.IGNORECASE)
+_BRACKET_IP = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
+_PAREN_IP = re.compile(r"\(\s*(?:[^()\s]*\s+)?\[?((?:\d{1,3}\.){3}\d{1,3})\]?")
+
+
+@dataclass(frozen=True)
+class Hop:
+    helo: str | None
+    ip: str | None
+    header: str
+
+
+def parse_received(value: str) -> Hop:
+    helo_match = _FROM.match(value)
+    helo = helo_match.group(1) if helo_match else None
+    ip = None
+    # Only the "from" clause describes the sending host; stop at " by ".
+    from_clause = re.split(r"\sby\s", value, maxsplit=1, flags=re.IGNORECASE)[0]
+    for pattern in (_BRACKET_IP, _PAREN_IP):
+        for candidate in pattern.findall(from_clause):
+            try:
+                ip = str(ipaddress.ip_address(candidate))
+                break
+            except ValueError:
+                continue
+        if ip:
+            break
+    return Hop(helo=helo, ip=ip, header=value)
+
+
+def in_networks(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)
+
+
+def parse_networks(items: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(item, strict=False) for item in items]
+
+
+def first_untrusted_hop(msg: ParsedMessage,
+                        trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Hop | None:
+    """The first Received hop (newest first) whose sending IP is outside ``trusted``."""
+    for value in msg.get_all("Received"):
+        hop = parse_received(value)
+        if hop.ip is None:
+            continue  # local submission or an unparseable hop: look further down
+        if in_networks(hop.ip, trusted):
+            continue
+        return hop
+    return None

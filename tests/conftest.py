@@ -1,0 +1,63 @@
+"""Shared fixtures: a real DNS server on 127.0.0.1 and engines pointed at it."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dnsserver import TestDNSServer  # noqa: E402
+
+from trustmilter.config import load_config  # noqa: E402
+from trustmilter.pipeline import Engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("TRUSTMILTER_SHARED", ROOT.parent / "shared"))
+TESTSUITES = SHARED / "testsuites"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def _dns_server() -> Iterator[TestDNSServer]:
+    server = TestDNSServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_server(_dns_server: TestDNSServer) -> Iterator[TestDNSServer]:
+    """The test DNS server, emptied for each test."""
+    _dns_server.clear()
+    yield _dns_server
+    _dns_server.clear()
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture
+def make_engine(dns_server: TestDNSServer) -> Callable[..., Engine]:
+    """make_engine(overrides) -> an Engine whose resolver is the test DNS server (no cache, so
+    tests that change zone data see it), with short timeouts so cued timeouts are quick."""
+
+    def factory(overrides: dict[str, Any] | None = None) -> Engine:
+        base: dict[str, Any] = {
+            "authserv_id": "mx.test.example",
+            "dns": {"server": dns_server.address, "timeout": 0.5, "deadline": 3.0,
+                    "cache_size": 0},
+        }
+        merged = _deep_update(copy.deepcopy(base), overrides or {})
+        return Engine.from_config(load_config(None, merged))
+
+    return factory

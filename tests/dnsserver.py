@@ -1,0 +1,225 @@
+"""A real authoritative-style DNS server for the tests, on 127.0.0.1 (UDP and TCP, one port).
+
+It serves zone data given as records, answers recursively-shaped responses (CNAMEs followed),
+and misbehaves on cue per name: SERVFAIL, silence (timeout), a delay, or truncation over UDP so
+the client must retry over TCP. Tests point trustmilter's resolver at ``server.address``.
+"""
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections import defaultdict
+from typing import Iterable
+
+from dnslib import CLASS, QTYPE, RCODE, RR, DNSRecord, TXT
+from dnslib.dns import DNSError
+
+Behaviour = str  # "servfail" | "timeout" | "truncate" | "refused" | "delay:SECONDS"
+
+
+def _norm(name: str) -> str:
+    return name.rstrip(".").lower()
+
+
+class TestDNSServer:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.records: dict[str, list[RR]] = defaultdict(list)
+        self.behaviour: dict[str, Behaviour] = {}
+        self.default_behaviour: Behaviour | None = None   # applies to every name
+        self.queries: list[tuple[str, str, str]] = []     # (name, type, "udp"/"tcp")
+        self._lock = threading.Lock()
+        self._udp: socketserver.ThreadingUDPServer | None = None
+        self._tcp: socketserver.ThreadingTCPServer | None = None
+        self.port = 0
+
+    # ----- zone data -------------------------------------------------------------------------
+    def add(self, name: str, rtype: str, value: str | Iterable[str | bytes], ttl: int = 300) -> None:
+        """Add a record. TXT ``value`` may be one string (split into 255-byte chunks) or a list
+        of the character-strings to send. Other types take their zone-file rdata text."""
+        key = _norm(name)
+        if rtype.upper() in ("TXT", "SPF"):
+            if isinstance(value, (str, bytes)):
+                data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+                chunks = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+            else:
+                chunks = [v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
+                          for v in value]
+            rr = RR(key + ".", getattr(QTYPE, rtype.upper()), rdata=TXT(chunks), ttl=ttl)
+            with self._lock:
+                self.records[key].append(rr)
+            return
+        assert isinstance(value, str)
+        zone = f"{key}. {ttl} IN {rtype.upper()} {value}"
+        rrs = RR.fromZone(zone)
+        with self._lock:
+            self.records[key].extend(rrs)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.records.clear()
+            self.behaviour.clear()
+            self.default_behaviour = None
+            self.queries.clear()
+
+    def on(self, name: str, behaviour: Behaviour) -> None:
+        self.behaviour[_norm(name)] = behaviour
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "TestDNSServer":
+        server = self
+
+        class UDPHandler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                reply = server._answer(data, "udp")
+                if reply is not None:
+                    sock.sendto(reply, self.client_address)
+
+        class TCPHandler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                try:
+                    while True:
+                        head = self._read(2)
+                        if not head:
+                            return
+                        (length,) = struct.unpack("!H", head)
+                        reply = server._answer(self._read(length), "tcp")
+                        if reply is None:
+                            return
+                        self.request.sendall(struct.pack("!H", len(reply)) + reply)
+                except OSError:
+                    return
+
+            def _read(self, n: int) -> bytes:
+                buf = b""
+                while len(buf) < n:
+                    chunk = self.request.recv(n - len(buf))
+                    if not chunk:
+                        return b""
+                    buf += chunk
+                return buf
+
+        for _ in range(20):
+            udp = socketserver.ThreadingUDPServer((self.host, 0), UDPHandler)
+            port = udp.server_address[1]
+            try:
+                tcp = socketserver.ThreadingTCPServer((self.host, port), TCPHandler,
+                                                      bind_and_activate=False)
+                tcp.allow_reuse_address = True
+                tcp.server_bind()
+                tcp.server_activate()
+            except OSError:
+                udp.server_close()
+                continue
+            break
+        else:  # pragma: no cover
+            raise RuntimeError("no free port for the test DNS server")
+        udp.daemon_threads = tcp.daemon_threads = True
+        self._udp, self._tcp, self.port = udp, tcp, port
+        for srv in (udp, tcp):
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                             daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for srv in (self._udp, self._tcp):
+            if srv is not None:
+                srv.shutdown()
+                srv.server_close()
+        self._udp = self._tcp = None
+
+    def __enter__(self) -> "TestDNSServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- answering -------------------------------------------------------------------------
+    def _answer(self, data: bytes, transport: str) -> bytes | None:
+        try:
+            request = DNSRecord.parse(data)
+        except (DNSError, Exception):  # noqa: BLE001
+            return None
+        qname = _norm(str(request.q.qname))
+        qtype = QTYPE.get(request.q.qtype, str(request.q.qtype))
+        with self._lock:
+            self.queries.append((qname, str(qtype), transport))
+        behaviour = self.behaviour.get(qname) or self.default_behaviour
+        reply = request.reply()
+        reply.header.ra = 1
+        if behaviour == "timeout":
+            return None
+        if behaviour and behaviour.startswith("delay:"):
+            time.sleep(float(behaviour.split(":", 1)[1]))
+        if behaviour == "servfail":
+            reply.header.rcode = RCODE.SERVFAIL
+            return reply.pack()
+        if behaviour == "refused":
+            reply.header.rcode = RCODE.REFUSED
+            return reply.pack()
+        answers, exists = self._resolve(qname, request.q.qtype)
+        for rr in answers:
+            reply.add_answer(rr)
+        if not exists:
+            reply.header.rcode = RCODE.NXDOMAIN
+        packed = reply.pack()
+        if transport == "udp":
+            limit = 512
+            edns = [ar for ar in request.ar if ar.rtype == QTYPE.OPT]
+            if edns:
+                limit = max(512, edns[0].rclass)
+            if behaviour == "truncate" or len(packed) > limit:
+                short = request.reply()
+                short.header.tc = 1
+                short.header.ra = 1
+                return short.pack()
+        return packed
+
+    def _lookup(self, name: str) -> list[RR]:
+        with self._lock:
+            if name in self.records:
+                return list(self.records[name])
+            labels = name.split(".")
+            for i in range(1, len(labels)):
+                wild = "*." + ".".join(labels[i:])
+                if wild in self.records:
+                    return [_renamed(rr, name) for rr in self.records[wild]]
+        return []
+
+    def _exists(self, name: str) -> bool:
+        with self._lock:
+            if name in self.records:
+                return True
+            suffix = "." + name
+            return any(k.endswith(suffix) for k in self.records)
+
+    def _resolve(self, name: str, qtype: int) -> tuple[list[RR], bool]:
+        out: list[RR] = []
+        for _ in range(10):  # CNAME chain limit
+            rrs = self._lookup(name)
+            exists = bool(rrs) or self._exists(name)
+            matching = [rr for rr in rrs if rr.rtype == qtype or qtype == QTYPE.ANY]
+            if matching:
+                return out + matching, True
+            cname = [rr for rr in rrs if rr.rtype == QTYPE.CNAME]
+            if cname and qtype != QTYPE.CNAME:
+                out.append(cname[0])
+                name = _norm(str(cname[0].rdata.label))
+                continue
+            return out, exists or bool(out)
+        return out, True
+
+
+def _renamed(rr: RR, name: str) -> RR:
+    return RR(name + ".", rr.rtype, CLASS.IN, rr.ttl, rr.rdata)
+
+
+__all__ = ["TestDNSServer", "socket"]
