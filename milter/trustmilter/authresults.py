@@ -22,7 +22,7 @@ def build(authserv_id: str, results: list[Any]) -> str:
 def parse(value: str) -> authres.AuthenticationResultsHeader:
     """Parse a header value (unfolded). Raises authres.AuthResError on bad syntax."""
     unfolded = " ".join(value.split())
-    return authres.AuthenticationResultsHeader.parse_value(_FEATURES, unfolded)
+    return _FEATURES.parse_value(unfolded)
 
 
 def claims_authserv_id(value: str, authserv_id: str) -> bool:

@@ -68,7 +68,8 @@ class ParsedMessage:
         """Every addr-spec in every From header (RFC 5322 allows a list; DMARC must see them)."""
         out: list[str] = []
         for value in self.get_all("From"):
-            for _name, addr in email.utils.getaddresses([_strip_encoded_words(value)]):
+            # Parse before decoding RFC 2047 words: a decoded display name could add commas.
+            for _name, addr in email.utils.getaddresses([value]):
                 addr = addr.strip()
                 if addr:
                     out.append(addr)
@@ -117,13 +118,6 @@ def _split_headers(head: bytes, defects: list[str]) -> list[Header]:
         current.append(line)
     flush()
     return headers
-
-
-def _strip_encoded_words(value: str) -> str:
-    # RFC 2047 words may hide a comma or an '@' in display names; decode before splitting.
-    if "=?" not in value:
-        return value
-    return decode_words(value)
 
 
 def decode_words(value: str) -> str:
