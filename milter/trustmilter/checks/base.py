@@ -55,7 +55,10 @@ class CheckContext:
         """A symbol scored from config. An unscored symbol counts 0 and is logged once."""
         score = self.config.score(name)
         if score is None:
-            _warn_unscored(name)
+            # <CHECK>_ERROR / _TIMEOUT report a failing check (already logged): they carry no
+            # score unless an admin gives them one.
+            if not name.endswith(("_ERROR", "_TIMEOUT")):
+                _warn_unscored(name)
             score = 0.0
         return Symbol(name, score, reason)
 
