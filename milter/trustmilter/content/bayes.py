@@ -1,0 +1,120 @@
+"""Bayes, our own: SpamBayes' classifier (Gary Robinson's token probabilities and Fisher's
+chi-square combining) over the mail tokenizer, with counts in a ``TokenStore``.
+
+For each token, p = (spam ratio) / (spam ratio + ham ratio), where a ratio is the token's count
+over the number of messages learned in that class; it is pulled toward 0.5 by Robinson's
+adjustment f = (s*x + n*p) / (s + n) for tokens seen n times. The ``max_discriminators`` tokens
+farthest from 0.5 (and at least ``minimum_prob_strength`` from it) are combined twice with
+Fisher's method: H tests "all clues are hammy", S "all clues are spammy"; the message's spam
+probability is (S - H + 1) / 2. Near 0 or 1 when the clues agree, near 0.5 when they conflict.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from trustmilter.content.features import MessageFeatures
+from trustmilter.content.tokenize import tokenize
+from trustmilter.message import ParsedMessage
+from trustmilter.store import TokenStore
+
+TOKENIZER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BayesSettings:
+    unknown_word_strength: float = 0.45   # s: how much weight the prior 0.5 has (SpamBayes)
+    unknown_word_prob: float = 0.5        # x: the prior of a token never seen
+    minimum_prob_strength: float = 0.1    # tokens closer than this to 0.5 are not clues
+    max_discriminators: int = 150         # clues used per message
+    min_spam: int = 200                   # messages learned per class before Bayes votes
+    min_ham: int = 200
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> "BayesSettings":
+        return cls(unknown_word_strength=float(section.get("unknown_word_strength", 0.45)),
+                   unknown_word_prob=float(section.get("unknown_word_prob", 0.5)),
+                   minimum_prob_strength=float(section.get("minimum_prob_strength", 0.1)),
+                   max_discriminators=int(section.get("max_discriminators", 150)),
+                   min_spam=int(section.get("min_spam", 200)),
+                   min_ham=int(section.get("min_ham", 200)))
+
+
+@dataclass
+class BayesResult:
+    probability: float | None          # None: not enough learned to vote
+    clues: int = 0
+    nspam: int = 0
+    nham: int = 0
+    top: list[tuple[str, float]] = field(default_factory=list)   # strongest clues, for reasons
+
+
+def message_digest(message: ParsedMessage) -> str:
+    """What makes a message "the same message" for learn/unlearn: its Message-ID, From, Date,
+    Subject and body, but not the trace headers each delivery adds (Received, Delivered-To)."""
+    h = hashlib.sha256()
+    for name in ("Message-ID", "From", "Date", "Subject"):
+        h.update((message.get(name) or "").encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    h.update(message.body)
+    return h.hexdigest()[:40]
+
+
+def chi2q(x2: float, v: int) -> float:
+    """P(chi-square with v degrees of freedom >= x2), v even (SpamBayes' chi2Q)."""
+    m = x2 / 2.0
+    term = math.exp(-m)
+    total = term
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+class BayesClassifier:
+    def __init__(self, store: TokenStore, settings: BayesSettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or BayesSettings()
+
+    def token_probability(self, spam: int, ham: int, nspam: int, nham: int) -> float:
+        s = self.settings
+        spam_ratio = spam / nspam if nspam else 0.0
+        ham_ratio = ham / nham if nham else 0.0
+        denom = spam_ratio + ham_ratio
+        prob = spam_ratio / denom if denom else s.unknown_word_prob
+        n = spam + ham
+        return (s.unknown_word_strength * s.unknown_word_prob + n * prob) / (s.unknown_word_strength + n)
+
+    def score_tokens(self, tokens: Sequence[str], *, explain: int = 0) -> BayesResult:
+        nspam, nham = self.store.totals()
+        s = self.settings
+        if nspam < s.min_spam or nham < s.min_ham:
+            return BayesResult(None, nspam=nspam, nham=nham)
+        counts = self.store.counts(tokens)
+        scored: list[tuple[float, float, str]] = []
+        for token, (spam, ham) in counts.items():
+            prob = self.token_probability(spam, ham, nspam, nham)
+            distance = abs(prob - 0.5)
+            if distance >= s.minimum_prob_strength:
+                scored.append((distance, prob, token))
+        clues = heapq.nlargest(s.max_discriminators, scored)
+        if not clues:
+            return BayesResult(0.5, 0, nspam, nham)
+        # Sum logs rather than multiply: 150 small probabilities underflow a float.
+        ln_h = ln_s = 0.0
+        for _d, prob, _t in clues:
+            prob = min(max(prob, 1e-12), 1 - 1e-12)
+            ln_h += math.log(prob)
+            ln_s += math.log(1.0 - prob)
+        n = len(clues)
+        spamminess = 1.0 - chi2q(-2.0 * ln_s, 2 * n)
+        hamminess = 1.0 - chi2q(-2.0 * ln_h, 2 * n)
+        probability = (spamminess - hamminess + 1.0) / 2.0
+        top = [(t, round(p, 3)) for _d, p, t in clues[:explain]]
+        return BayesResult(probability, n, nspam, nham, top)
+
+    def score(self, features: MessageFeatures, *, explain: int = 0) -> BayesResult:
+        return self.score_tokens(tokenize(features), explain=explain)

@@ -1,0 +1,310 @@
+"""The Bayes token store in SQLite (through sqlite-utils for the schema): WAL so the milter reads
+while ``trustmilter learn`` writes, a busy timeout so a held lock costs an error symbol rather
+than a stalled milter, one connection per thread and process (SQLite connections must not cross
+threads or a fork), and one query per message for all its tokens.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sqlite_utils
+
+from trustmilter.errors import TrustmilterError
+from trustmilter.store import Label
+
+SCHEMA_VERSION = 1
+EXPORT_MAGIC = "#trustmilter-bayes-export"
+_IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on any build
+
+
+class StoreError(TrustmilterError):
+    """The token store cannot be opened or has the wrong format."""
+
+
+class SQLiteTokenStore:
+    """Token counts in one SQLite file. ``readonly`` opens it for scoring only."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 200, readonly: bool = False,
+                 create: bool = True) -> None:
+        self.path = str(path)
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self.readonly = readonly
+        self._local = threading.local()
+        self._totals_cache: tuple[float, tuple[int, int]] | None = None
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            if readonly or not create:
+                raise StoreError(f"{self.path}: no Bayes database")
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if not readonly:
+            self._init_schema()
+        else:
+            self._check_schema()
+
+    # ---- connections ------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        if self.readonly:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        conn.execute("PRAGMA synchronous = NORMAL")   # durable enough in WAL, much faster
+        conn.execute("PRAGMA cache_size = -16000")     # 16 MB page cache per connection
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _init_schema(self) -> None:
+        db = sqlite_utils.Database(self._conn())
+        if self.path != ":memory:":
+            db.enable_wal()
+        if "tokens" not in db.table_names():
+            db.execute("CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, "
+                       "spam INTEGER NOT NULL DEFAULT 0, ham INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
+        if "learned" not in db.table_names():
+            db["learned"].create({"digest": str, "label": str, "learned_at": float}, pk="digest",
+                                 if_not_exists=True)
+        if "meta" not in db.table_names():
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["meta"].insert_all([{"key": "schema", "value": str(SCHEMA_VERSION)},
+                                   {"key": "nspam", "value": "0"}, {"key": "nham", "value": "0"}],
+                                  replace=True)
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        try:
+            row = self._conn().execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a trustmilter Bayes database ({exc})") from None
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: Bayes schema {row[0] if row else '?'}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+    # ---- reads ------------------------------------------------------------------------------
+    def totals(self) -> tuple[int, int]:
+        # The totals change only when someone learns; re-read them at most once a second.
+        now = time.monotonic()
+        cached = self._totals_cache
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        rows = dict(self._conn().execute(
+            "SELECT key, value FROM meta WHERE key IN ('nspam', 'nham')").fetchall())
+        totals = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)))
+        self._totals_cache = (now, totals)
+        return totals
+
+    def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        conn = self._conn()
+        out: dict[str, tuple[int, int]] = {}
+        tokens = list(tokens)
+        for start in range(0, len(tokens), _IN_CHUNK):
+            chunk = tokens[start:start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for token, spam, ham in conn.execute(
+                    f"SELECT token, spam, ham FROM tokens WHERE token IN ({marks})", chunk):
+                out[token] = (spam, ham)
+        return out
+
+    def learned_label(self, digest: str) -> Label | None:
+        row = self._conn().execute("SELECT label FROM learned WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def token_count(self) -> int:
+        return int(self._conn().execute("SELECT count(*) FROM tokens").fetchone()[0])
+
+    # ---- writes -----------------------------------------------------------------------------
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn().execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO "
+                             "UPDATE SET value = excluded.value", (key, value))
+
+    def learn(self, items: Iterable[tuple[str, Sequence[str], Label]]) -> tuple[int, int]:
+        """See ``TokenStore.learn``. Counts are summed in memory and written in one
+        transaction, so a 5000-message training run is one short write."""
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only")
+        conn = self._conn()
+        learned = skipped = 0
+        delta: Counter[tuple[str, int]] = Counter()    # (token, 0=spam / 1=ham) -> change
+        nspam = nham = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            known = {}
+            for digest, tokens, label in items:
+                if label not in ("spam", "ham"):
+                    raise ValueError(f"label must be spam or ham, not {label!r}")
+                previous = known.get(digest)
+                if previous is None:
+                    row = conn.execute("SELECT label FROM learned WHERE digest = ?", (digest,)).fetchone()
+                    previous = row[0] if row else ""
+                if previous == label:
+                    skipped += 1
+                    continue
+                unique = set(tokens)
+                if previous:   # learned as the other class before: move it over
+                    col = 0 if previous == "spam" else 1
+                    for token in unique:
+                        delta[(token, col)] -= 1
+                    if previous == "spam":
+                        nspam -= 1
+                    else:
+                        nham -= 1
+                col = 0 if label == "spam" else 1
+                for token in unique:
+                    delta[(token, col)] += 1
+                if label == "spam":
+                    nspam += 1
+                else:
+                    nham += 1
+                known[digest] = label
+                learned += 1
+            now = time.time()
+            conn.executemany("INSERT INTO learned(digest, label, learned_at) VALUES (?, ?, ?) "
+                             "ON CONFLICT(digest) DO UPDATE SET label = excluded.label, "
+                             "learned_at = excluded.learned_at",
+                             [(d, lab, now) for d, lab in known.items()])
+            self._apply(conn, delta)
+            self._bump_totals(conn, nspam, nham)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._totals_cache = None
+        return learned, skipped
+
+    def unlearn(self, items: Iterable[tuple[str, Sequence[str]]]) -> int:
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only")
+        conn = self._conn()
+        delta: Counter[tuple[str, int]] = Counter()
+        nspam = nham = done = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for digest, tokens in items:
+                row = conn.execute("SELECT label FROM learned WHERE digest = ?", (digest,)).fetchone()
+                if row is None:
+                    continue
+                col = 0 if row[0] == "spam" else 1
+                for token in set(tokens):
+                    delta[(token, col)] -= 1
+                if col == 0:
+                    nspam -= 1
+                else:
+                    nham -= 1
+                conn.execute("DELETE FROM learned WHERE digest = ?", (digest,))
+                done += 1
+            self._apply(conn, delta)
+            self._bump_totals(conn, nspam, nham)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._totals_cache = None
+        return done
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, delta: Counter[tuple[str, int]]) -> None:
+        merged: dict[str, list[int]] = {}
+        for (token, col), change in delta.items():
+            if change:
+                merged.setdefault(token, [0, 0])[col] += change
+        conn.executemany(
+            "INSERT INTO tokens(token, spam, ham) VALUES (?, max(?, 0), max(?, 0)) "
+            "ON CONFLICT(token) DO UPDATE SET spam = max(spam + ?, 0), ham = max(ham + ?, 0)",
+            [(t, s, h, s, h) for t, (s, h) in merged.items()])
+        if any(s < 0 or h < 0 for s, h in merged.values()):
+            conn.execute("DELETE FROM tokens WHERE spam <= 0 AND ham <= 0")
+
+    @staticmethod
+    def _bump_totals(conn: sqlite3.Connection, nspam: int, nham: int) -> None:
+        conn.execute("UPDATE meta SET value = CAST(max(CAST(value AS INTEGER) + ?, 0) AS TEXT) "
+                     "WHERE key = 'nspam'", (nspam,))
+        conn.execute("UPDATE meta SET value = CAST(max(CAST(value AS INTEGER) + ?, 0) AS TEXT) "
+                     "WHERE key = 'nham'", (nham,))
+
+    # ---- export / import (the shipped database is a compact export) -------------------------
+    def export(self, path: str | Path, *, min_count: int = 1) -> int:
+        """Write a gzip'd text export: a header line with the totals, then one
+        ``token<TAB>spam<TAB>ham`` line per token seen at least ``min_count`` times, then the
+        learned digests (so learning a shipped message again is still a no-op)."""
+        conn = self._conn()
+        nspam, nham = self.totals()
+        written = 0
+        tmp = f"{path}.tmp"
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as out:
+            tokenizer = self.meta("tokenizer") or ""
+            out.write(f"{EXPORT_MAGIC} v{SCHEMA_VERSION} nspam={nspam} nham={nham} tokenizer={tokenizer}\n")
+            for token, spam, ham in conn.execute(
+                    "SELECT token, spam, ham FROM tokens WHERE spam + ham >= ? ORDER BY token", (min_count,)):
+                if "\t" in token or "\n" in token:
+                    continue
+                out.write(f"{token}\t{spam}\t{ham}\n")
+                written += 1
+            out.write("#learned\n")
+            for digest, label in conn.execute("SELECT digest, label FROM learned ORDER BY digest"):
+                out.write(f"{digest}\t{label}\n")
+        os.replace(tmp, path)
+        return written
+
+    def import_export(self, path: str | Path) -> int:
+        """Replace this store's content with an export's. Returns the token count."""
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only")
+        conn = self._conn()
+        with gzip.open(path, "rt", encoding="utf-8") as src:
+            header = src.readline().split()
+            if not header or header[0] != EXPORT_MAGIC:
+                raise StoreError(f"{path}: not a trustmilter Bayes export")
+            fields = dict(item.split("=", 1) for item in header[2:] if "=" in item)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM tokens")
+                conn.execute("DELETE FROM learned")
+                count = 0
+                rows = _export_rows(src)
+                conn.executemany("INSERT INTO tokens(token, spam, ham) VALUES (?, ?, ?)", rows)
+                count = conn.execute("SELECT count(*) FROM tokens").fetchone()[0]
+                now = time.time()
+                conn.executemany("INSERT OR REPLACE INTO learned(digest, label, learned_at) VALUES (?, ?, ?)",
+                                 ((d, lab, now) for d, lab in _learned_rows(src)))
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'nspam'", (fields.get("nspam", "0"),))
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'nham'", (fields.get("nham", "0"),))
+                conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('tokenizer', ?)",
+                             (fields.get("tokenizer", ""),))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self._totals_cache = None
+        return int(count)
+
+
+def _export_rows(src: Iterator[str]) -> Iterator[tuple[str, int, int]]:
+    for line in src:
+        if line.startswith("#learned"):
+            return
+        token, spam, ham = line.rstrip("\n").split("\t")
+        yield token, int(spam), int(ham)
+
+
+def _learned_rows(src: Iterator[str]) -> Iterator[tuple[str, str]]:
+    for line in src:
+        digest, label = line.rstrip("\n").split("\t")
+        yield digest, label
