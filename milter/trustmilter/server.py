@@ -1,0 +1,682 @@
+"""``trustmilter serve``: the milter Postfix and Sendmail talk to.
+
+A thin pymilter adapter. The libmilter threads only gather (client address and HELO as the MTA
+reports them, envelope, macros, header bytes exactly as received, body) and apply the verdict
+(Authentication-Results, spam headers, subject tag, quarantine, reject/tempfail replies);
+``evaluate`` runs in worker processes (``trustmilter.workers``).
+
+Signals (measured, see ../shared/PITFALLS.md): libmilter handles HUP, TERM and INT itself in its
+own thread, and all three stop it cleanly after the connections in progress end. Reload is SIGUSR1
+(systemd's ExecReload sends it): blocked in every thread and taken by a ``sigwait`` thread, it
+re-reads the config and replaces the worker pool without closing any MTA connection.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import grp
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import Milter
+import milter as libmilter  # pymilter's C module (never shadow it: our package is trustmilter)
+
+from trustmilter import authresults
+from trustmilter.config import DEFAULT_CONFIG_PATH, Config, load_config
+from trustmilter.errors import ConfigError, TrustmilterError
+from trustmilter.received import in_networks, parse_networks
+from trustmilter.types import Action, Envelope, Verdict
+from trustmilter.workers import (PoolHolder, WorkerPool, default_size, prepare_context,
+                                 setup_logging)
+
+log = logging.getLogger("trustmilter.server")
+msglog = logging.getLogger("trustmilter.message")
+
+MILTER_NAME = "trustmilter"
+AUTHRES = "Authentication-Results"
+# Spam headers are ours on this host: incoming copies (forged or from elsewhere) are removed so
+# Sieve scripts and clients only ever see the ones we wrote.
+OWN_SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
+# Insert position of our headers: Postfix counts its own (hidden) Received header as index 0, so
+# index 1 puts Authentication-Results right below the Received header of this MTA.
+HEADER_INDEX = 1
+FOLD_WIDTH = 78
+MAX_LINE = 990          # RFC 5322 2.1.1: 998 octets per line, hard limit
+SIGNALS_LIBMILTER = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+RELOAD_SIGNAL = signal.SIGUSR1
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_XCODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+# ---- making values safe for headers, replies and logs -------------------------------------------
+def clean_text(value: str) -> str:
+    """One line of text: CR, LF, NUL and other control characters become spaces (no header or
+    reply injection from anything a sender controls), lone surrogates become U+FFFD."""
+    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join(_CONTROL.sub(" ", value).replace("\t", " ").split())
+
+
+def fold(name: str, value: str, width: int = FOLD_WIDTH) -> str:
+    """Fold a cleaned header value at spaces into lines of at most ``width`` characters (the first
+    line counts "Name: "), joined with LF + TAB as libmilter expects. A word longer than the hard
+    line limit is cut: nothing we write may break RFC 5322's 998-octet limit."""
+    words = [w[:MAX_LINE - 2] for w in clean_text(value).split(" ") if w]
+    lines: list[str] = []
+    current = ""
+    used = len(name) + 2          # "Name: " precedes the first line
+    for word in words:
+        if not current:
+            current, used = word, used + len(word)
+        elif used + 1 + len(word) > width:
+            lines.append(current)
+            current, used = word, 1 + len(word)   # continuation lines start with a TAB
+        else:
+            current, used = f"{current} {word}", used + 1 + len(word)
+    if current:
+        lines.append(current)
+    return "\n\t".join(lines)
+
+
+def smtp_text(value: str, limit: int = 400) -> str:
+    """Text for an SMTP reply or quarantine reason: one ASCII line, '%' doubled (libmilter drops a
+    reply with a lone '%'), bounded in length."""
+    text = clean_text(value).encode("ascii", "replace").decode("ascii")
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text.replace("%", "%%")
+
+
+def reply_codes(code: str | None, xcode: str | None, default: tuple[str, str]) -> tuple[str, str]:
+    """A valid (rcode, xcode) pair: 4xx/5xx, and an enhanced code of the same class."""
+    rcode = code if code and re.fullmatch(r"[45]\d\d", code) else default[0]
+    if not xcode or not _XCODE.match(xcode) or xcode[0] != rcode[0]:
+        xcode = default[1] if default[1][0] == rcode[0] else f"{rcode[0]}.7.1"
+    return rcode, xcode
+
+
+def _log_value(value: Any) -> str:
+    text = str(value)
+    if text and not re.search(r"[\s\"=\\\x00-\x1f\x7f]", text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_log_line(fields: dict[str, Any], fmt: str) -> str:
+    """One line per message: key=value pairs for grep, or a JSON object."""
+    if fmt == "json":
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    return " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if v is not None)
+
+
+def normalise_ip(value: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def strip_brackets(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address.strip()
+
+
+# ---- settings read from config (re-read on reload) ----------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    authserv_id: str
+    trusted_networks: tuple[Any, ...]
+    trusted_relays: tuple[Any, ...]
+    eval_timeout: float
+    progress_interval: float
+    on_error: str
+    max_message_bytes: int
+    skip_authenticated: bool
+    skip_trusted_networks: bool
+    skip_local: bool
+    log_format: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Settings":
+        m = config.section("milter")
+        on_error = str(m["on_error"])
+        if on_error not in ("tempfail", "accept"):
+            raise ConfigError("must be tempfail or accept", key="milter.on_error")
+        log_format = str(m["log_format"])
+        if log_format not in ("text", "json"):
+            raise ConfigError("must be text or json", key="milter.log_format")
+        return cls(
+            authserv_id=config.authserv_id,
+            trusted_networks=tuple(parse_networks(config.data["trusted_networks"])),
+            trusted_relays=tuple(parse_networks(config.data["trusted_relays"])),
+            eval_timeout=float(m["eval_timeout"]),
+            progress_interval=max(1.0, float(m["progress_interval"])),
+            on_error=on_error,
+            max_message_bytes=int(m["max_message_bytes"]),
+            skip_authenticated=bool(m["skip_authenticated"]),
+            skip_trusted_networks=bool(m["skip_trusted_networks"]),
+            skip_local=bool(m["skip_local"]),
+            log_format=log_format,
+        )
+
+
+# ---- the milter ---------------------------------------------------------------------------------
+@Milter.header_leading_space
+class TrustMilter(Milter.Base):
+    """One SMTP connection. Callbacks only record; ``eom`` hands the message to a worker and
+    applies the verdict."""
+
+    server: "MilterServer"   # set by MilterServer before libmilter starts
+
+    def __init__(self) -> None:
+        self.client_ip: str | None = None
+        self.client_name: str | None = None
+        self.helo: str | None = None
+        self.mta_hostname: str | None = None
+        self.daemon_name: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.mail_from = ""
+        self.rcpts: list[str] = []
+        self.auth_user: str | None = None
+        self.headers: list[tuple[str, bytes]] = []
+        self.body_chunks: list[bytes] = []
+        self.size = 0
+        self.too_big = False
+
+    @property
+    def leadspc(self) -> bool:
+        """True when the MTA sends (and expects from us) header values with their leading space."""
+        return bool(self._protocol & Milter.P_HDR_LEADSPC)
+
+    # ----- gathering ------------------------------------------------------------------------
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        # The address the MTA reports (Postfix's XCLIENT changes it), never a header.
+        self.client_ip = None
+        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+            self.client_ip = normalise_ip(str(hostaddr[0]))
+        name = (hostname or "").strip()
+        # The MTA gives "[1.2.3.4]" (or "unknown") when it has no verified reverse name.
+        self.client_name = None if not name or name.startswith("[") or name == "unknown" else name
+        self.mta_hostname = self.getsymval("j")
+        self.daemon_name = self.getsymval("{daemon_name}")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def hello(self, hostname: str) -> int:
+        self.helo = hostname
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        self._reset()
+        self.mail_from = strip_brackets(mail_from)
+        self.auth_user = self.getsymval("{auth_authen}") or None
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, rcpt: str, *params: str) -> int:
+        self.rcpts.append(strip_brackets(rcpt))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @Milter.decode("bytes")
+    def header(self, name: str, value: bytes) -> int:
+        # Bytes exactly as received (DKIM with simple canonicalization needs them).
+        self.size += len(name) + len(value) + 3
+        if self.size > self.server.settings.max_message_bytes:
+            self.too_big = True
+        if not self.too_big:
+            self.headers.append((name, value))
+        return Milter.CONTINUE
+
+    def body(self, chunk: bytes) -> int:
+        self.size += len(chunk)
+        if self.too_big or self.size > self.server.settings.max_message_bytes:
+            self.too_big = True
+            self.body_chunks = []
+            # No need to receive the rest: it will not be scanned.
+            return Milter.SKIP if self._protocol & Milter.P_SKIP else Milter.CONTINUE
+        self.body_chunks.append(chunk)
+        return Milter.CONTINUE
+
+    def abort(self) -> int:
+        self._reset()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        return Milter.CONTINUE
+
+    def raw_message(self) -> bytes:
+        """The message as the client sent it: header lines with CRLF line ends (the MTA passes
+        folded values with bare LF), an empty line, the body (already CRLF)."""
+        out = bytearray()
+        for name, value in self.headers:
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            out += name.encode("ascii", "surrogateescape") + b":"
+            if not self.leadspc and value[:1] not in (b" ", b"\t"):
+                out += b" "
+            out += value + b"\r\n"
+        out += b"\r\n"
+        for chunk in self.body_chunks:
+            out += chunk
+        return bytes(out)
+
+    def envelope(self) -> Envelope:
+        return Envelope(client_ip=self.client_ip, client_name=self.client_name, helo=self.helo,
+                        mail_from=self.mail_from, rcpt_to=tuple(self.rcpts),
+                        queue_id=self.getsymval("i") or None, auth_user=self.auth_user,
+                        daemon_name=self.daemon_name, mta_hostname=self.mta_hostname)
+
+    # ----- deciding -------------------------------------------------------------------------
+    def skip_reason(self, settings: Settings) -> str | None:
+        if self.auth_user and settings.skip_authenticated:
+            return "authenticated"
+        if self.client_ip is None:
+            return "local" if settings.skip_local else None
+        if settings.skip_trusted_networks and in_networks(self.client_ip,
+                                                          list(settings.trusted_networks)):
+            # A trusted relay's mail is judged by the hop behind it, not skipped.
+            if not (settings.trusted_relays and in_networks(self.client_ip,
+                                                            list(settings.trusted_relays))):
+                return "trusted-network"
+        if self.too_big:
+            return "too-big"
+        return None
+
+    def eom(self) -> int:
+        started = time.perf_counter()
+        server = self.server
+        settings = server.settings
+        envelope = self.envelope()
+        fields: dict[str, Any] = {
+            "queue_id": envelope.queue_id or "-", "client_ip": self.client_ip or "-",
+            "helo": self.helo, "from": f"<{self.mail_from}>", "rcpts": len(self.rcpts),
+        }
+        try:
+            forged = authresults.forged_indexes(
+                [self._value_text(v) for n, v in self.headers if n.lower() == AUTHRES.lower()],
+                settings.authserv_id)
+            skip = self.skip_reason(settings)
+            if skip is not None:
+                self._delete(AUTHRES, forged)
+                fields.update(action="skip", why=skip)
+                return Milter.ACCEPT
+            verdict, error = server.evaluate(self, envelope, self.raw_message())
+            if verdict is None:
+                fields.update(action=f"error-{settings.on_error}", why=error)
+                return self._on_error(settings, forged)
+            fields.update(action=verdict.action.value, score=round(verdict.score, 3),
+                          symbols=",".join(f"{s.name}({s.score:g})" for s in verdict.symbols),
+                          eval_ms=round(verdict.elapsed_ms, 1))
+            if verdict.reason:
+                fields["reason"] = clean_text(verdict.reason)
+            return self.apply(verdict, forged)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the message
+            log.exception("queue_id=%s: milter error", envelope.queue_id)
+            fields.update(action=f"error-{settings.on_error}", why=f"{type(exc).__name__}: {exc}")
+            return self._on_error(settings, [])
+        finally:
+            fields["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            msglog.info("%s", format_log_line(fields, settings.log_format))
+            self._reset()
+
+    def _on_error(self, settings: Settings, forged: list[int]) -> int:
+        if settings.on_error == "accept":
+            try:
+                self._delete(AUTHRES, forged)
+            except Exception:  # noqa: BLE001
+                log.exception("could not remove forged Authentication-Results")
+            return Milter.ACCEPT
+        self.setreply("451", "4.3.0", "trustmilter: temporary failure, please try again later")
+        return Milter.TEMPFAIL
+
+    # ----- applying -------------------------------------------------------------------------
+    def apply(self, verdict: Verdict, forged: list[int]) -> int:
+        action = verdict.action
+        if action is Action.REJECT:
+            code, xcode = reply_codes(verdict.smtp_code, verdict.smtp_xcode, ("550", "5.7.1"))
+            self.setreply(code, xcode, smtp_text(verdict.reason or "message refused"))
+            return Milter.REJECT
+        if action is Action.TEMPFAIL:
+            code, xcode = reply_codes(verdict.smtp_code, verdict.smtp_xcode, ("451", "4.7.1"))
+            self.setreply(code, xcode, smtp_text(verdict.reason or "please try again later"))
+            return Milter.TEMPFAIL
+        # Deletions first, each name highest index first: the MTA renumbers after every delete,
+        # and our own inserts would shift the indexes too.
+        self._delete(AUTHRES, forged)
+        spam_names = {n.lower() for n in OWN_SPAM_HEADERS} | {n.lower() for n, _ in
+                                                             verdict.add_headers}
+        for lname in sorted(spam_names):
+            count = sum(1 for n, _ in self.headers if n.lower() == lname)
+            self._delete(self._name_as_sent(lname), list(range(count, 0, -1)))
+        index = HEADER_INDEX
+        self._insert(AUTHRES, verdict.authentication_results, index)
+        for name, value in verdict.add_headers:
+            index += 1
+            self._insert(name, value, index)
+        if verdict.subject_tag:
+            self._tag_subject(verdict.subject_tag)
+        if action is Action.QUARANTINE:
+            self.quarantine(smtp_text(verdict.reason or "held by trustmilter"))
+        return Milter.ACCEPT
+
+    def _value_text(self, value: bytes) -> str:
+        return value.decode("utf-8", "replace")
+
+    def _name_as_sent(self, lname: str) -> str:
+        for name, _ in self.headers:
+            if name.lower() == lname:
+                return name
+        return lname
+
+    def _delete(self, name: str, indexes: list[int]) -> None:
+        for index in sorted(indexes, reverse=True):
+            self.chgheader(name, index, None)
+
+    def _lead(self, value: str) -> str:
+        return " " + value if self.leadspc else value
+
+    def _insert(self, name: str, value: str, index: int) -> None:
+        self.addheader(name, self._lead(fold(name, value)), index)
+
+    def _tag_subject(self, tag: str) -> None:
+        tag = clean_text(tag)
+        for name, value in self.headers:
+            if name.lower() == "subject":
+                text = value.decode("utf-8", "replace").replace("\r\n", "\n")
+                # Keep the original folding (LF + WSP); any other CR/LF becomes a space.
+                text = re.sub(r"\r|\n(?![ \t])", " ", text)
+                text = _CONTROL.sub(lambda m: m.group(0) if m.group(0) == "\n" else " ", text)
+                if text.strip().startswith(tag):
+                    return
+                self.chgheader(name, 1, self._lead(f"{tag} {text.lstrip(' ')}"))
+                return
+        self.addheader("Subject", self._lead(tag), -1)
+
+
+# ---- the process --------------------------------------------------------------------------------
+def resolve_config_path(path: str | None) -> str | None:
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return path
+
+
+def _merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def socket_path(spec: str) -> str | None:
+    """The filesystem path of a unix socket spec, or None for inet/inet6."""
+    if spec.startswith(("unix:", "local:")):
+        return spec.split(":", 1)[1]
+    if spec.startswith("/"):
+        return spec
+    return None
+
+
+def parse_owner(owner: str) -> tuple[int, int]:
+    """"user", "user:group" or ":group" -> (uid, gid), -1 for what is not given."""
+    if not owner:
+        return -1, -1
+    user, _, group = owner.partition(":")
+    try:
+        uid = pwd.getpwnam(user).pw_uid if user else -1
+        gid = grp.getgrnam(group).gr_gid if group else -1
+    except KeyError as exc:
+        raise ConfigError(f"no such user or group: {exc.args[0]}", key="milter.socket_owner") from None
+    return uid, gid
+
+
+class MilterServer:
+    """Owns the settings, the worker pool and the libmilter main loop."""
+
+    def __init__(self, config_path: str | None, overrides: dict[str, Any], config: Config,
+                 log_setup: dict[str, Any]) -> None:
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config = config
+        self.settings = Settings.from_config(config)
+        self.log_setup = log_setup
+        self._mp_context: Any = None
+        self.holder: PoolHolder | None = None
+        self._reload_lock = threading.Lock()
+        self.socket_spec = str(config.section("milter")["socket"])
+
+    # ----- worker pool ----------------------------------------------------------------------
+    def _worker_overrides(self, config: Config) -> dict[str, Any]:
+        # Workers resolve the same authserv_id as we do (the default is this host's name).
+        return _merge_overrides(self.overrides, {"authserv_id": config.authserv_id})
+
+    def _new_pool(self, config: Config, generation: int) -> WorkerPool:
+        size = default_size(int(config.section("milter")["workers"]))
+        return WorkerPool(self._mp_context, size, self.config_path,
+                          self._worker_overrides(config), generation, self.log_setup)
+
+    def start_pool(self) -> None:
+        pool = self._new_pool(self.config, 1)
+        pids = pool.warm_up()
+        self.holder = PoolHolder(pool, lambda gen: self._new_pool(self.config, gen))
+        log.info("%d worker processes ready (pids %s)", pool.size, ",".join(map(str, pids)))
+
+    def evaluate(self, conn: TrustMilter, envelope: Envelope, raw: bytes
+                 ) -> tuple[Verdict | None, str]:
+        """Run evaluate in a worker; keep the MTA informed while waiting. Returns (verdict, "")
+        or (None, why) when no verdict could be had in time."""
+        assert self.holder is not None
+        settings = self.settings
+        deadline = time.monotonic() + settings.eval_timeout
+        last_error = ""
+        for _attempt in range(2):   # a second try only after a dead worker or a swapped pool
+            pool = self.holder.pool
+            try:
+                future = pool.submit(envelope, raw)
+            except RuntimeError as exc:      # pool shut down by a reload in this instant
+                last_error = f"pool unavailable: {exc}"
+                continue
+            except cf.process.BrokenProcessPool as exc:
+                self.holder.replace_broken(pool)
+                last_error = f"worker pool broken: {exc}"
+                continue
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    future.cancel()
+                    return None, f"no verdict within {settings.eval_timeout:g}s"
+                try:
+                    return future.result(timeout=min(settings.progress_interval, left)), ""
+                except cf.TimeoutError:
+                    conn.progress()   # resets the MTA's milter timeouts
+                except cf.process.BrokenProcessPool as exc:
+                    self.holder.replace_broken(pool)
+                    last_error = f"worker died: {exc}"
+                    break
+                except Exception as exc:  # noqa: BLE001 - evaluate itself failed
+                    log.error("evaluate failed: %s: %s", type(exc).__name__, exc)
+                    return None, f"evaluate failed: {type(exc).__name__}"
+        return None, last_error
+
+    # ----- reload ---------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config and replace the workers; connections stay open. On any error the
+        running configuration stays in force."""
+        with self._reload_lock:
+            assert self.holder is not None
+            try:
+                config = load_config(self.config_path, self.overrides)
+                settings = Settings.from_config(config)
+            except TrustmilterError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return False
+            new_socket = str(config.section("milter")["socket"])
+            if new_socket != self.socket_spec:
+                log.warning("milter.socket changed to %s: takes effect at the next restart",
+                            new_socket)
+            pool = self._new_pool(config, self.holder.pool.generation + 1)
+            try:
+                pool.warm_up()
+            except Exception as exc:  # noqa: BLE001 - a worker could not build its engine
+                log.error("reload failed, keeping the running configuration: workers could "
+                          "not start: %s: %s", type(exc).__name__, exc)
+                pool.shutdown(wait=False)
+                return False
+            self.config, self.settings = config, settings
+            self.holder._factory = lambda gen: self._new_pool(self.config, gen)
+            old = self.holder.swap(pool)
+            log.info("reloaded %s: %d workers (generation %d)",
+                     self.config_path or "<defaults>", pool.size, pool.generation)
+        old.shutdown(wait=True)   # messages already handed to the old workers finish there
+        return True
+
+    def _reload_loop(self) -> None:
+        while True:
+            sig = signal.sigwait({RELOAD_SIGNAL})
+            if sig == RELOAD_SIGNAL:
+                log.info("SIGUSR1: reloading")
+                try:
+                    self.reload()
+                except Exception:  # noqa: BLE001 - never let the reload thread die
+                    log.exception("reload failed")
+
+    # ----- main loop ------------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        milter_section = self.config.section("milter")
+        path = socket_path(self.socket_spec)
+        if path is not None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        old_umask = os.umask(0o177)   # no window in which the socket is more open than asked
+        try:
+            libmilter.opensocket(True)   # True: remove a stale socket left by a crash
+        finally:
+            os.umask(old_umask)
+        if path is not None:
+            uid, gid = parse_owner(str(milter_section["socket_owner"]))
+            if uid != -1 or gid != -1:
+                os.chown(path, uid, gid)
+            os.chmod(path, int(str(milter_section["socket_mode"]), 8))
+
+    def run(self) -> int:
+        # 1. Processes that must not inherit a blocked mask, before blocking.
+        self._mp_context = prepare_context()
+        # 2. Block libmilter's signals and ours in this thread, before any thread or pool exists:
+        #    every later thread inherits the mask, so only libmilter's signal thread (sigwait on
+        #    HUP/TERM/INT) and our reload thread (sigwait on USR1) ever take them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_LIBMILTER | {RELOAD_SIGNAL})
+        try:
+            self.start_pool()
+        except Exception as exc:  # noqa: BLE001
+            raise TrustmilterError(f"worker processes could not start: {type(exc).__name__}: "
+                                   f"{exc} (see the log above)") from None
+        assert self.holder is not None
+        threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
+        TrustMilter.server = self
+        Milter.factory = TrustMilter
+        self._register()
+        try:
+            self._open_socket()
+        except (libmilter.error, OSError) as exc:
+            self.holder.pool.shutdown(wait=False)
+            raise TrustmilterError(f"cannot listen on {self.socket_spec}: {exc}") from None
+        log.info("listening on %s (authserv-id %s)", self.socket_spec, self.settings.authserv_id)
+        try:
+            libmilter.main()   # returns on SIGTERM/SIGINT/SIGHUP after connections end
+        finally:
+            log.info("stopping: waiting for the workers")
+            self.holder.pool.shutdown(wait=True)
+            path = socket_path(self.socket_spec)
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            log.info("stopped")
+        return 0
+
+    def _register(self) -> None:
+        """What Milter.runmilter does, minus opening the socket (we set its owner and mode)."""
+        libmilter.set_connect_callback(Milter.connect_callback)
+        libmilter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+        libmilter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+        libmilter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+        libmilter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+        libmilter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+        libmilter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+        libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+        libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+        libmilter.set_close_callback(Milter.close_callback)
+        libmilter.setconn(self.socket_spec)
+        libmilter.register(MILTER_NAME, data=lambda ctx: ctx.getpriv().data(),
+                           unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                           negotiate=Milter.negotiate_callback)
+
+
+# ---- command line -------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.resolver:
+        overrides.setdefault("dns", {})["server"] = args.resolver
+    milter_over: dict[str, Any] = {}
+    if args.socket:
+        milter_over["socket"] = args.socket
+    if args.workers is not None:
+        milter_over["workers"] = args.workers
+    if args.log_file is not None:
+        milter_over["log_file"] = args.log_file
+    if args.log_format:
+        milter_over["log_format"] = args.log_format
+    if milter_over:
+        overrides["milter"] = milter_over
+    config_path = resolve_config_path(args.config)
+    config = load_config(config_path, overrides)
+    Settings.from_config(config)   # validate before anything starts
+    log_setup = {"log_file": str(config.section("milter")["log_file"]),
+                 "level": logging.DEBUG if getattr(args, "verbose", False) else logging.INFO}
+    setup_logging(**log_setup)
+    server = MilterServer(config_path, overrides, config, log_setup)
+    return server.run()
+
+
+def register_cli(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the milter for Postfix or Sendmail",
+        description="Run the milter. Stop: SIGTERM (finishes messages in flight). Reload config "
+                    "and rules without dropping connections: SIGUSR1 (systemctl reload).")
+    serve.add_argument("--config", help=f"local config file (default: {DEFAULT_CONFIG_PATH} "
+                                        "if it exists, else the shipped defaults)")
+    serve.add_argument("--socket", metavar="unix:PATH|inet:PORT@HOST",
+                       help="where to listen (default: config milter.socket)")
+    serve.add_argument("--resolver", metavar="HOST[:PORT]", help="DNS resolver to use")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes (default: config milter.workers; 0 = 2 per core)")
+    serve.add_argument("--log-file", default=None, help="log file (default: standard error)")
+    serve.add_argument("--log-format", choices=("text", "json"), default=None,
+                       help="per-message log line format (default: config milter.log_format)")
+    serve.set_defaults(func=cmd_serve)
+
+
+__all__ = ["MilterServer", "Settings", "TrustMilter", "clean_text", "cmd_serve", "fold",
+           "format_log_line", "register_cli", "reply_codes", "smtp_text", "sys"]
