@@ -25,10 +25,13 @@ def _norm(name: str) -> str:
 
 
 class TestDNSServer:
+    __test__ = False   # not a test class, though its name starts with "Test"
+
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.records: dict[str, list[RR]] = defaultdict(list)
         self.behaviour: dict[str, Behaviour] = {}
+        self.typed_behaviour: dict[tuple[str, str], Behaviour] = {}  # (name, TYPE): one type only
         self.default_behaviour: Behaviour | None = None   # applies to every name
         self.queries: list[tuple[str, str, str]] = []     # (name, type, "udp"/"tcp")
         self._lock = threading.Lock()
@@ -53,8 +56,10 @@ class TestDNSServer:
                 self.records[key].append(rr)
             return
         assert isinstance(value, str)
-        zone = f"{key}. {ttl} IN {rtype.upper()} {value}"
-        rrs = RR.fromZone(zone)
+        # Parse only the rdata as zone text: owner names may hold characters zone syntax cannot
+        # (the SPF suites have "macro%percent  space%20url-space.example.com").
+        zone = f"owner.invalid. {ttl} IN {rtype.upper()} {value}"
+        rrs = [_renamed(rr, key) for rr in RR.fromZone(zone)]
         with self._lock:
             self.records[key].extend(rrs)
 
@@ -62,11 +67,18 @@ class TestDNSServer:
         with self._lock:
             self.records.clear()
             self.behaviour.clear()
+            self.typed_behaviour.clear()
             self.default_behaviour = None
             self.queries.clear()
 
-    def on(self, name: str, behaviour: Behaviour) -> None:
-        self.behaviour[_norm(name)] = behaviour
+    def on(self, name: str, behaviour: Behaviour, rtypes: Iterable[str] | None = None) -> None:
+        """Misbehave for ``name``: for every query type, or only for those in ``rtypes`` (the SPF
+        suites' TIMEOUT answers the types listed before it and times out the others)."""
+        if rtypes is None:
+            self.behaviour[_norm(name)] = behaviour
+            return
+        for rtype in rtypes:
+            self.typed_behaviour[(_norm(name), rtype.upper())] = behaviour
 
     @property
     def address(self) -> str:
@@ -148,11 +160,15 @@ class TestDNSServer:
             request = DNSRecord.parse(data)
         except (DNSError, Exception):  # noqa: BLE001
             return None
-        qname = _norm(str(request.q.qname))
+        # From the raw labels: str() would escape bytes such as spaces ("\\032"), and the zone
+        # is keyed by the plain text names were added with.
+        qname = _norm(".".join(label.decode("utf-8", "surrogateescape")
+                               for label in request.q.qname.label))
         qtype = QTYPE.get(request.q.qtype, str(request.q.qtype))
         with self._lock:
             self.queries.append((qname, str(qtype), transport))
-        behaviour = self.behaviour.get(qname) or self.default_behaviour
+        behaviour = (self.typed_behaviour.get((qname, str(qtype).upper()))
+                     or self.behaviour.get(qname) or self.default_behaviour)
         reply = request.reply()
         reply.header.ra = 1
         if behaviour == "timeout":
