@@ -527,20 +527,3 @@ def _filename(part: email.message.Message) -> str:
         name = name[2] if len(name) > 2 else ""
     name = str(name)
     return clean_text(decode_words(name)).strip().strip('"')
-
-
-_feature_lock = threading.Lock()
-
-
-def features_for(message: ParsedMessage, limits: Limits) -> MessageFeatures:
-    """The features of ``message``, computed once however many checks ask (checks run in
-    threads, so the first asker computes them under a lock)."""
-    cached = message.__dict__.get("_content_features")
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    with _feature_lock:
-        cached = message.__dict__.get("_content_features")
-        if cached is None:
-            cached = extract(message, limits)
-            message.__dict__["_content_features"] = cached
-    return cached  # type: ignore[no-any-return]
