@@ -43,6 +43,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 COMMAND_MODULES = (
     "trustmilter.server",        # serve
     "trustmilter.content.cli",   # train, learn, evaluate, models
+    "trustmilter.rules.cli",     # rules check, rules test
 )
 
 

@@ -8,3 +8,8 @@ from types import ModuleType
 from trustmilter.checks import arc, dkim, dmarc, helo, iprev, spf
 
 ALL: tuple[ModuleType, ...] = (spf, dkim, arc, iprev, helo, dmarc)
+
+# YAML rules run after every other check (their DEPENDS name them all) to see their symbols.
+from trustmilter.checks import rules  # noqa: E402
+
+ALL += (rules,)

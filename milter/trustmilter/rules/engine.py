@@ -1,0 +1,922 @@
+"""Rule evaluation: compiled conditions tested against one message, lazily and purely.
+
+The loader turns YAML into the objects below once (regexes compiled with RE2, lists into sets,
+children of ``all``/``any`` ordered cheapest first); per message there is no YAML work. A
+condition reads the message through an ``Evaluation``, which computes each view (decoded
+headers, body text as UTF-8 bytes, content features, symbols of the other checks) the first
+time a condition asks for it. ``all`` and ``any`` stop at the first child that decides them, so
+a rule whose cheap condition fails never decodes the body.
+
+Everything here is deterministic: the same message, envelope, check results and reference time
+give the same hits. Regular expressions are RE2 (linear time in the text, bounded memory), so no
+pattern can hang the milter.
+"""
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from trustmilter.checks.outcomes import (ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome)
+from trustmilter.message import decode_words
+from trustmilter.types import Action, AuthStatus, Envelope
+
+if TYPE_CHECKING:
+    from trustmilter.checks.base import CheckResult
+    from trustmilter.content.features import Attachment, Link, MessageFeatures
+    from trustmilter.message import ParsedMessage
+
+# Longest text a note (why a rule fired) quotes from the message.
+_NOTE_CHARS = 60
+
+
+def _snippet(data: bytes | str) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return text if len(text) <= _NOTE_CHARS else text[:_NOTE_CHARS - 3] + "..."
+
+
+def _encode(text: str) -> bytes:
+    """UTF-8 for RE2; header bytes kept by surrogateescape come back as they arrived."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching text
+# ---------------------------------------------------------------------------------------------
+class Matcher:
+    """One RE2 pattern built from a spec's ``regex``/``contains``/``equals`` alternatives (any
+    of them matches), matched against UTF-8 bytes. ``min_count`` asks for that many
+    non-overlapping matches in one text."""
+
+    __slots__ = ("pattern", "min_count", "source")
+
+    def __init__(self, pattern: Any, min_count: int, source: str) -> None:
+        self.pattern = pattern
+        self.min_count = min_count
+        self.source = source
+
+    def find(self, data: bytes) -> str | None:
+        """A short quote of the first match, or None when the text does not match enough."""
+        if self.min_count <= 1:
+            match = self.pattern.search(data)
+            return None if match is None else _snippet(match.group(0))
+        first: str | None = None
+        count = 0
+        for match in self.pattern.finditer(data):
+            if first is None:
+                first = _snippet(match.group(0))
+            count += 1
+            if count >= self.min_count:
+                return first
+        return None
+
+    def find_text(self, text: str) -> str | None:
+        return self.find(_encode(text))
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive numeric range; either end may be open."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"{self.min:g}..{self.max:g}"
+        return f">= {self.min:g}" if self.min is not None else f"<= {self.max:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-message view
+# ---------------------------------------------------------------------------------------------
+BODY_PARTS = ("text", "all", "plain", "html", "hidden")
+
+
+class Evaluation:
+    """One message as the rules see it. Views are computed on first use and kept."""
+
+    def __init__(self, rule_set: "RuleSet", message: "ParsedMessage", envelope: Envelope,
+                 results: Mapping[str, "CheckResult"],
+                 features: Callable[[], "MessageFeatures"], now: float | None = None) -> None:
+        self.rule_set = rule_set
+        self.message = message
+        self.envelope = envelope
+        self.results = results
+        self._features_factory = features
+        self._features: MessageFeatures | None = None
+        self._headers: dict[str, list[str]] | None = None
+        self._raw_headers: dict[str, list[str]] | None = None
+        self._text: dict[str, bytes] = {}
+        self._symbols: frozenset[str] | None = None
+        self._now = now
+        self.memo: dict[str, bool] = {}      # rule name -> fired (for rules naming rules)
+        self.notes: list[str] = []           # why the rule being evaluated matched
+
+    # views ------------------------------------------------------------------------------------
+    @property
+    def features(self) -> "MessageFeatures":
+        if self._features is None:
+            self._features = self._features_factory()
+        return self._features
+
+    def header_values(self, lname: str, raw: bool) -> list[str]:
+        if raw:
+            if self._raw_headers is None:
+                self._raw_headers = {}
+                for h in self.message.headers:
+                    self._raw_headers.setdefault(h.lname, []).append(h.value)
+            return self._raw_headers.get(lname, [])
+        if self._headers is None:
+            self._headers = {}
+            for h in self.message.headers:
+                self._headers.setdefault(h.lname, []).append(decode_words(h.value))
+        return self._headers.get(lname, [])
+
+    def has_header(self, lname: str) -> bool:
+        return bool(self.header_values(lname, raw=True))
+
+    def text(self, part: str) -> bytes:
+        data = self._text.get(part)
+        if data is None:
+            f = self.features
+            if part == "text":
+                value = f.text
+            elif part == "plain":
+                value = f.text_plain
+            elif part == "html":
+                value = f.html_text
+            elif part == "hidden":
+                value = f.hidden_text
+            else:  # "all": every decoded text, visible or not
+                value = "\n".join(t for t in (f.text_plain, f.html_text, f.hidden_text) if t)
+            data = self._text[part] = _encode(value)
+        return data
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        if self._symbols is None:
+            self._symbols = frozenset(s.name for r in self.results.values() for s in r.symbols)
+        return self._symbols
+
+    def outcome(self, check: str, kind: type) -> Any:
+        result = self.results.get(check)
+        outcome = getattr(result, "outcome", None)
+        return outcome if isinstance(outcome, kind) else None
+
+    @property
+    def now(self) -> float:
+        if self._now is None:
+            self._now = time.time()
+        return self._now
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < 8:
+            self.notes.append(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions
+# ---------------------------------------------------------------------------------------------
+class Condition:
+    """A test on one message. ``cost`` orders siblings (cheap first); results never depend on
+    the order because conditions are pure."""
+
+    cost = 1
+
+    def test(self, ev: Evaluation) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rule_refs(self) -> Iterable[str]:
+        return ()
+
+
+class All(Condition):
+    def __init__(self, children: Sequence[Condition]) -> None:
+        self.children = tuple(sorted(children, key=lambda c: c.cost))
+        self.cost = sum(c.cost for c in self.children)
+
+    def test(self, ev: Evaluation) -> bool:
+        mark = len(ev.notes)
+        for child in self.children:
+            if not child.test(ev):
+                del ev.notes[mark:]
+                return False
+        return True
+
+    def rule_refs(self) -> Iterable[str]:
+        for child in self.children:
+            yield from child.rule_refs()
+
+
+class Any_(Condition):
+    def __init__(self, children: Sequence[Condition]) -> None:
+        self.children = tuple(sorted(children, key=lambda c: c.cost))
+        self.cost = max((c.cost for c in self.children), default=1)
+
+    def test(self, ev: Evaluation) -> bool:
+        return any(child.test(ev) for child in self.children)
+
+    def rule_refs(self) -> Iterable[str]:
+        for child in self.children:
+            yield from child.rule_refs()
+
+
+class Not(Condition):
+    def __init__(self, child: Condition) -> None:
+        self.child = child
+        self.cost = child.cost
+
+    def test(self, ev: Evaluation) -> bool:
+        mark = len(ev.notes)
+        fired = self.child.test(ev)
+        del ev.notes[mark:]   # what matched inside a "not" is not why the rule fired
+        return not fired
+
+    def rule_refs(self) -> Iterable[str]:
+        return self.child.rule_refs()
+
+
+class Header(Condition):
+    """Headers by name (any of several). With a matcher: some value of some named header
+    matches (decoded RFC 2047 words unless ``raw``). With ``exists`` alone: presence."""
+
+    cost = 2
+
+    def __init__(self, names: Sequence[str], matcher: Matcher | None, exists: bool | None,
+                 raw: bool) -> None:
+        self.names = tuple(n.lower() for n in names)
+        self.matcher = matcher
+        self.exists = exists
+        self.raw = raw
+
+    def test(self, ev: Evaluation) -> bool:
+        if self.matcher is None:
+            present = any(ev.has_header(n) for n in self.names)
+            if present == bool(self.exists):
+                if present:
+                    ev.note(f"header {self.names[0]} present")
+                return True
+            return False
+        for name in self.names:
+            for value in ev.header_values(name, self.raw):
+                hit = self.matcher.find_text(value)
+                if hit is not None:
+                    ev.note(f"{name}: {hit!r}")
+                    return True
+        return False
+
+
+class Body(Condition):
+    cost = 8
+
+    def __init__(self, part: str, matcher: Matcher) -> None:
+        self.part = part
+        self.matcher = matcher
+
+    def test(self, ev: Evaluation) -> bool:
+        hit = self.matcher.find(ev.text(self.part))
+        if hit is None:
+            return False
+        ev.note(f"body {hit!r}")
+        return True
+
+
+@dataclass
+class LinkTest:
+    """Predicates on one link; every one given must hold."""
+
+    url: Matcher | None = None
+    host: Matcher | None = None
+    text: Matcher | None = None
+    domains: frozenset[str] = frozenset()
+    schemes: frozenset[str] = frozenset()
+    ip: bool | None = None
+    idn: bool | None = None
+    userinfo: bool | None = None
+    port: bool | None = None
+    text_mismatch: bool | None = None
+    lookalike: bool | None = None
+    in_html: bool | None = None
+
+    def matches(self, link: "Link") -> bool:
+        if self.ip is not None and link.is_ip != self.ip:
+            return False
+        if self.idn is not None and link.idn != self.idn:
+            return False
+        if self.userinfo is not None and link.has_userinfo != self.userinfo:
+            return False
+        if self.port is not None and link.port != self.port:
+            return False
+        if self.in_html is not None and link.in_html != self.in_html:
+            return False
+        if self.text_mismatch is not None and link.mismatched != self.text_mismatch:
+            return False
+        if self.schemes and link.scheme not in self.schemes:
+            return False
+        if self.domains and not _domain_in(link.host, link.domain, self.domains):
+            return False
+        if self.lookalike is not None and _is_lookalike(link.host, link.domain) != self.lookalike:
+            return False
+        if self.url is not None and self.url.find_text(link.url) is None:
+            return False
+        if self.host is not None and self.host.find_text(link.host) is None:
+            return False
+        if self.text is not None and self.text.find_text(link.text) is None:
+            return False
+        return True
+
+
+def _domain_in(host: str, registered: str, domains: frozenset[str]) -> bool:
+    """``host`` is one of ``domains`` or below one of them."""
+    if registered in domains or host in domains:
+        return True
+    parts = host.split(".")
+    return any(".".join(parts[i:]) in domains for i in range(1, len(parts) - 1))
+
+
+def _is_lookalike(host: str, registered: str) -> bool:
+    from trustmilter.content.features import brand_in_subdomain, lookalike_brand
+    return bool(lookalike_brand(registered) or brand_in_subdomain(host, registered))
+
+
+class Url(Condition):
+    """Links in the body (plain-text URLs and HTML hrefs): at least ``min_count`` satisfy
+    every given predicate."""
+
+    cost = 6
+
+    def __init__(self, link_test: LinkTest, min_count: int) -> None:
+        self.link_test = link_test
+        self.min_count = min_count
+
+    def test(self, ev: Evaluation) -> bool:
+        count = 0
+        for link in ev.features.links:
+            if self.link_test.matches(link):
+                count += 1
+                if count >= self.min_count:
+                    ev.note(f"link {_snippet(link.url)!r}")
+                    return True
+        return False
+
+
+class Attachment_(Condition):
+    cost = 5
+
+    def __init__(self, name: Matcher | None, exts: frozenset[str], types: frozenset[str],
+                 type_prefixes: tuple[str, ...], size: Range | None, min_count: int) -> None:
+        self.name = name
+        self.exts = exts
+        self.types = types
+        self.type_prefixes = type_prefixes
+        self.size = size
+        self.min_count = min_count
+
+    def _matches(self, att: "Attachment") -> bool:
+        if self.exts and att.ext.lower() not in self.exts:
+            return False
+        if self.types or self.type_prefixes:
+            ctype = att.content_type.lower()
+            if ctype not in self.types and not ctype.startswith(self.type_prefixes or ("\0",)):
+                return False
+        if self.size is not None and att.size not in self.size:
+            return False
+        if self.name is not None and self.name.find_text(att.filename) is None:
+            return False
+        return True
+
+    def test(self, ev: Evaluation) -> bool:
+        count = 0
+        for att in ev.features.attachments:
+            if self._matches(att):
+                count += 1
+                if count >= self.min_count:
+                    ev.note(f"attachment {_snippet(att.filename or att.content_type)!r}")
+                    return True
+        return False
+
+
+class ClientIP(Condition):
+    def __init__(self, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self.networks = tuple(networks)
+
+    def test(self, ev: Evaluation) -> bool:
+        ip = ev.envelope.client_ip
+        if not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        for net in self.networks:
+            if addr.version == net.version and addr in net:
+                ev.note(f"client {ip} in {net}")
+                return True
+        return False
+
+
+class EnvelopeText(Condition):
+    """HELO name or MAIL FROM address (the null sender is the empty string)."""
+
+    def __init__(self, what: str, matcher: Matcher) -> None:
+        self.what = what
+        self.matcher = matcher
+
+    def test(self, ev: Evaluation) -> bool:
+        value = (ev.envelope.helo or "") if self.what == "helo" else ev.envelope.mail_from
+        hit = self.matcher.find_text(value)
+        if hit is None:
+            return False
+        ev.note(f"{self.what} {hit!r}")
+        return True
+
+
+class RcptCount(Condition):
+    def __init__(self, count: Range) -> None:
+        self.count = count
+
+    def test(self, ev: Evaluation) -> bool:
+        n = len(ev.envelope.rcpt_to)
+        if n in self.count:
+            ev.note(f"{n} recipients")
+            return True
+        return False
+
+
+class Authenticated(Condition):
+    """The client authenticated to our MTA (SMTP AUTH, the {auth_authen} macro)."""
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def test(self, ev: Evaluation) -> bool:
+        return bool(ev.envelope.auth_user) == self.value
+
+
+def dkim_status(outcome: DKIMOutcome) -> AuthStatus:
+    """One status for all signatures: pass if any passes, none without signatures, otherwise
+    temperror before fail before the first signature's own status."""
+    statuses = [s.status for s in outcome.signatures]
+    if not statuses:
+        return AuthStatus.NONE
+    for wanted in (AuthStatus.PASS, AuthStatus.TEMPERROR, AuthStatus.FAIL):
+        if wanted in statuses:
+            return wanted
+    return statuses[0]
+
+
+@dataclass
+class AuthTest:
+    """Authentication outcomes of the other checks. A check that did not run (disabled, failed)
+    matches nothing here, so ``auth: {spf: none}`` never fires because SPF was off."""
+
+    spf: frozenset[AuthStatus] = frozenset()
+    dkim: frozenset[AuthStatus] = frozenset()
+    dmarc: frozenset[AuthStatus] = frozenset()
+    arc: frozenset[AuthStatus] = frozenset()
+    iprev: frozenset[AuthStatus] = frozenset()
+    dkim_domains: frozenset[str] = frozenset()
+    dmarc_policy: frozenset[str] = frozenset()
+    dkim_aligned: bool | None = None
+    spf_aligned: bool | None = None
+    arc_trusted: bool | None = None
+
+
+class Auth(Condition):
+    def __init__(self, t: AuthTest) -> None:
+        self.t = t
+
+    def test(self, ev: Evaluation) -> bool:
+        t = self.t
+        notes = []
+        if t.spf:
+            spf = ev.outcome("spf", SPFOutcome)
+            if spf is None or spf.mailfrom not in t.spf:
+                return False
+            notes.append(f"spf={spf.mailfrom.value}")
+        if t.dkim or t.dkim_domains:
+            dkim = ev.outcome("dkim", DKIMOutcome)
+            if dkim is None:
+                return False
+            if t.dkim:
+                status = dkim_status(dkim)
+                if status not in t.dkim:
+                    return False
+                notes.append(f"dkim={status.value}")
+            if t.dkim_domains:
+                passing = {d.lower() for d in dkim.passing_domains()}
+                found = sorted(d for d in passing if _domain_in(d, d, t.dkim_domains))
+                if not found:
+                    return False
+                notes.append(f"dkim d={found[0]}")
+        if t.dmarc or t.dmarc_policy or t.dkim_aligned is not None or t.spf_aligned is not None:
+            dmarc = ev.outcome("dmarc", DMARCOutcome)
+            if dmarc is None:
+                return False
+            if t.dmarc and dmarc.status not in t.dmarc:
+                return False
+            if t.dmarc_policy and (dmarc.policy or "") not in t.dmarc_policy:
+                return False
+            if t.dkim_aligned is not None and dmarc.dkim_aligned != t.dkim_aligned:
+                return False
+            if t.spf_aligned is not None and dmarc.spf_aligned != t.spf_aligned:
+                return False
+            if t.dmarc:
+                notes.append(f"dmarc={dmarc.status.value}")
+        if t.arc or t.arc_trusted is not None:
+            arc = ev.outcome("arc", ARCOutcome)
+            if arc is None:
+                return False
+            if t.arc and arc.status not in t.arc:
+                return False
+            if t.arc_trusted is not None and arc.trusted != t.arc_trusted:
+                return False
+            notes.append(f"arc={arc.status.value}")
+        if t.iprev:
+            result = ev.results.get("iprev")
+            status = getattr(getattr(result, "outcome", None), "status", None)
+            if status not in t.iprev:
+                return False
+            notes.append(f"iprev={status.value}")  # type: ignore[union-attr]
+        if notes:
+            ev.note(" ".join(notes))
+        return True
+
+
+class Symbol_(Condition):
+    """Symbols present: those of the other checks (exact names, or prefixes written
+    ``NAME_*``), and other rules' symbols (a rule naming a rule; resolved by the loader, cycles
+    refused there), each rule evaluated once per message."""
+
+    cost = 1
+
+    def __init__(self, names: frozenset[str], prefixes: tuple[str, ...]) -> None:
+        self.names = names
+        self.prefixes = prefixes
+        self.rule_names: tuple[str, ...] = ()
+
+    def resolve(self, rule_names: set[str] | frozenset[str]) -> None:
+        """Split names that are rules from names that are check symbols."""
+        self.rule_names = tuple(sorted(self.names & rule_names))
+        self.names = frozenset(self.names - set(rule_names))
+
+    def test(self, ev: Evaluation) -> bool:
+        present = ev.symbols
+        for name in sorted(self.names & present):
+            ev.note(f"symbol {name}")
+            return True
+        if self.prefixes:
+            for name in sorted(present):
+                if name.startswith(self.prefixes):
+                    ev.note(f"symbol {name}")
+                    return True
+        for name in self.rule_names:
+            if ev.rule_set.fires(name, ev):
+                ev.note(f"rule {name}")
+                return True
+        return False
+
+    def rule_refs(self) -> Iterable[str]:
+        return self.rule_names
+
+
+def walk(condition: Condition) -> Iterable[Condition]:
+    """Every condition in a tree, depth first."""
+    yield condition
+    for child in getattr(condition, "children", ()):
+        yield from walk(child)
+    child = getattr(condition, "child", None)
+    if child is not None:
+        yield from walk(child)
+
+
+@dataclass
+class FromTest:
+    name: Matcher | None = None
+    address: Matcher | None = None
+    domains: frozenset[str] = frozenset()
+    freemail: bool | None = None
+    name_has_other_domain: bool | None = None
+    lookalike: bool | None = None
+    is_recipient: bool | None = None
+
+
+# A domain written in a display name ("paypal.com", "service@paypal.com").
+_NAME_DOMAIN = re.compile(r"(?:^|[\s<(\"'@])((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24})"
+                          r"(?=$|[\s>)\"',;:])", re.I)
+
+
+def name_domains(display_name: str) -> list[str]:
+    """Registered domains named in a From display name."""
+    from trustmilter.content.features import registered_domain
+    out = []
+    for match in _NAME_DOMAIN.finditer(display_name[:200]):
+        rd = registered_domain(match.group(1))
+        if rd and rd not in out:
+            out.append(rd)
+    return out
+
+
+class From(Condition):
+    """The (first) From header address and display name."""
+
+    cost = 3
+
+    def __init__(self, t: FromTest) -> None:
+        self.t = t
+
+    def test(self, ev: Evaluation) -> bool:
+        from trustmilter.content.features import FREEMAIL, lookalike_brand
+        f = ev.features
+        t = self.t
+        notes = []
+        if t.domains and not _domain_in(f.from_domain, f.from_rd, t.domains):
+            return False
+        if t.freemail is not None and (f.from_rd in FREEMAIL) != t.freemail:
+            return False
+        if t.lookalike is not None:
+            brand = lookalike_brand(f.from_rd) if f.from_rd else ""
+            if bool(brand) != t.lookalike:
+                return False
+            if brand:
+                notes.append(f"{f.from_rd} imitates {brand}")
+        if t.name_has_other_domain is not None:
+            others = [d for d in name_domains(f.from_name) if d != f.from_rd]
+            if bool(others) != t.name_has_other_domain:
+                return False
+            if others:
+                notes.append(f"name names {others[0]}, address is {f.from_rd or f.from_addr}")
+        if t.is_recipient is not None:
+            rcpts = {r.lower() for r in ev.envelope.rcpt_to}
+            mine = bool(f.from_addr) and f.from_addr.lower() in rcpts
+            if mine != t.is_recipient:
+                return False
+            if mine:
+                notes.append(f"From is the recipient {f.from_addr}")
+        if t.name is not None:
+            hit = t.name.find_text(f.from_name)
+            if hit is None:
+                return False
+            notes.append(f"name {hit!r}")
+        if t.address is not None:
+            hit = t.address.find_text(f.from_addr)
+            if hit is None:
+                return False
+            notes.append(f"address {hit!r}")
+        ev.note("; ".join(notes) if notes else f"from {f.from_addr}")
+        return True
+
+
+@dataclass
+class ReplyToTest:
+    domains: frozenset[str] = frozenset()
+    freemail: bool | None = None
+    differs_from_from: bool | None = None
+
+
+class ReplyTo(Condition):
+    """Some Reply-To address satisfies every given predicate (no Reply-To: never matches)."""
+
+    cost = 3
+
+    def __init__(self, t: ReplyToTest) -> None:
+        self.t = t
+
+    def test(self, ev: Evaluation) -> bool:
+        from trustmilter.content.features import FREEMAIL
+        f = ev.features
+        t = self.t
+        for rd in f.reply_to_rds:
+            if t.domains and rd not in t.domains:
+                continue
+            if t.freemail is not None and (rd in FREEMAIL) != t.freemail:
+                continue
+            if t.differs_from_from is not None and (rd != f.from_rd) != t.differs_from_from:
+                continue
+            ev.note(f"reply-to {rd} (from {f.from_rd or '-'})")
+            return True
+        return False
+
+
+def _parse_date(value: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def reference_time(ev: Evaluation) -> float:
+    """When the message reached us: the date of the newest Received header (ours, or our
+    relay's), else now. Comparing with it keeps ``scan`` of old mail meaningful, as
+    SpamAssassin's DATE_IN_PAST/FUTURE rules do."""
+    for value in ev.header_values("received", raw=True)[:1]:
+        if ";" in value:
+            stamp = _parse_date(value.rsplit(";", 1)[1].strip())
+            if stamp is not None:
+                return stamp
+    return ev.now
+
+
+class Date(Condition):
+    """One test on the Date header: ``missing``, ``invalid`` (unparseable), or more than
+    ``future_hours`` ahead of / ``past_hours`` before the time we received the message."""
+
+    cost = 3
+
+    def __init__(self, test: str, hours: float = 0.0) -> None:
+        self.test_name = test
+        self.hours = hours
+
+    def test(self, ev: Evaluation) -> bool:
+        values = ev.header_values("date", raw=True)
+        if self.test_name == "missing":
+            if values:
+                return False
+            ev.note("no Date header")
+            return True
+        if not values:
+            return False
+        stamp = _parse_date(values[0])
+        if self.test_name == "invalid":
+            if stamp is not None:
+                return False
+            ev.note(f"Date {_snippet(values[0])!r} is not an RFC 5322 date")
+            return True
+        if stamp is None:
+            return False
+        ahead = (stamp - reference_time(ev)) / 3600
+        if self.test_name == "future_hours" and ahead > self.hours:
+            ev.note(f"Date is {ahead:.0f} h ahead of receipt")
+            return True
+        if self.test_name == "past_hours" and -ahead > self.hours:
+            ev.note(f"Date is {-ahead:.0f} h before receipt")
+            return True
+        return False
+
+
+def _message_facts(f: "MessageFeatures", raw_size: int) -> dict[str, float | bool]:
+    text = f.text.strip()
+    return {
+        "size": raw_size,
+        "text_chars": len(text),
+        "plain_chars": len(f.text_plain.strip()),
+        "html_chars": len(f.html_text.strip()),
+        "hidden_chars": len(f.hidden_text.strip()),
+        "html_only": f.html_present and not f.text_plain.strip(),
+        "image_only": f.image_only,
+        "multipart": f.content_type.startswith("multipart/"),
+        "parts": len(f.part_types),
+        "images": f.images,
+        "tracking_pixels": f.tracking_pixels,
+        "forms": f.forms,
+        "password_inputs": f.password_inputs,
+        "scripts": f.scripts,
+        "iframes": f.iframes,
+        "links": len(f.links),
+        "link_domains": len(f.link_domains),
+        "attachments": len(f.attachments),
+        "to_count": f.to_count,
+        "cc_count": f.cc_count,
+        "received_hops": f.received_hops,
+        "truncated": f.truncated,
+    }
+
+
+MESSAGE_FACTS_BOOL = frozenset({"html_only", "image_only", "multipart", "truncated"})
+MESSAGE_FACTS_NUM = frozenset({
+    "size", "text_chars", "plain_chars", "html_chars", "hidden_chars", "parts", "images",
+    "tracking_pixels", "forms", "password_inputs", "scripts", "iframes", "links", "link_domains",
+    "attachments", "to_count", "cc_count", "received_hops"})
+
+
+class MessageFacts(Condition):
+    """Counts and flags of the parsed message (see MESSAGE_FACTS_*); all given must hold."""
+
+    cost = 5
+
+    def __init__(self, bools: Mapping[str, bool], ranges: Mapping[str, Range]) -> None:
+        self.bools = dict(bools)
+        self.ranges = dict(ranges)
+
+    def test(self, ev: Evaluation) -> bool:
+        facts = ev.__dict__.get("_message_facts")
+        if facts is None:
+            facts = ev.__dict__["_message_facts"] = _message_facts(ev.features, len(ev.message.raw))
+        for name, want in self.bools.items():
+            if facts[name] != want:
+                return False
+        for name, rng in self.ranges.items():
+            if facts[name] not in rng:
+                return False
+        ev.note(", ".join([f"{n}" for n, v in self.bools.items() if v]
+                          + [f"{n}={facts[n]:g}" for n in self.ranges]))
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and rule sets
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rule:
+    name: str
+    description: str
+    score: float
+    condition: Condition
+    action: Action | None = None
+    reason: str = ""
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+@dataclass
+class Hit:
+    rule: Rule
+    notes: list[str]
+
+    @property
+    def reason(self) -> str:
+        detail = "; ".join(self.notes)
+        text = f"{self.rule.description} ({detail})" if detail else self.rule.description
+        return text if len(text) <= 240 else text[:237] + "..."
+
+
+@dataclass
+class RuleSet:
+    """Compiled rules in evaluation order. ``sources`` keeps every file's text (path -> text)
+    so the same set can be rebuilt elsewhere (a worker process) without reading disk again."""
+
+    rules: list[Rule]
+    sources: dict[str, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    disabled: list[Rule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.by_name = {r.name: r for r in self.rules}
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def fires(self, name: str, ev: Evaluation) -> bool:
+        """Whether rule ``name`` matches (memoized per message; a disabled or unknown rule does
+        not)."""
+        cached = ev.memo.get(name)
+        if cached is not None:
+            return cached
+        rule = self.by_name.get(name)
+        if rule is None:
+            ev.memo[name] = False
+            return False
+        saved = ev.notes
+        ev.notes = []
+        try:
+            fired = rule.condition.test(ev)
+            ev.memo[name] = fired
+            ev.__dict__.setdefault("_rule_notes", {})[name] = ev.notes
+        finally:
+            ev.notes = saved
+        return fired
+
+    def evaluate(self, ev: Evaluation) -> list[Hit]:
+        hits = []
+        for rule in self.rules:
+            if self.fires(rule.name, ev):
+                hits.append(Hit(rule, list(ev.__dict__["_rule_notes"][rule.name])))
+        return hits
+
+
+def strongest_action(hits: Sequence[Hit]) -> Hit | None:
+    """The hit forcing the strongest action (first in rule order among equals)."""
+    best: Hit | None = None
+    for hit in hits:
+        if hit.rule.action is None:
+            continue
+        if best is None or hit.rule.action.rank > best.rule.action.rank:  # type: ignore[union-attr]
+            best = hit
+    return best
