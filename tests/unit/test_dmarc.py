@@ -9,6 +9,8 @@ from typing import Any, Callable
 import dkim
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnsserver import TestDNSServer as DNSServer  # (aliased: pytest collects Test*)
 from trustmilter import authresults
@@ -655,6 +657,14 @@ def _e2e_message(from_domain: str) -> bytes:
             f"Date: Mon, 2 Mar 2026 10:00:00 +0000\r\n\r\nHello Bob.\r\n").encode()
 
 
+def _e2e_engine(make_engine: Callable[..., Engine], dmarc_overrides: dict[str, str] | None = None
+                ) -> Engine:
+    # The full pipeline runs CPU-bound checks in threads of this process, beside the test DNS
+    # server: a 0.5 s DNS timeout is too tight for it under load.
+    return make_engine({"dns": {"timeout": 2.0, "deadline": 8.0},
+                        "dmarc": dict(dmarc_overrides or {})})
+
+
 def _dmarc_ar(value: str) -> list[Any]:
     return [r for r in authresults.parse(value).results if r.method == "dmarc"]
 
@@ -667,7 +677,7 @@ def test_e2e_dkim_aligned_pass(make_engine: Callable[..., Engine],
     raw = signer.sign(_e2e_message("example.com"))
     env = Envelope(client_ip="192.0.2.99", helo="relay.example.net",
                    mail_from="list-bounce@lists.example.net", rcpt_to=("bob@example.net",))
-    verdict = evaluate(env, raw, make_engine())
+    verdict = evaluate(env, raw, _e2e_engine(make_engine))
     assert "dkim=pass" in verdict.authentication_results, verdict.authentication_results
     (piece,) = _dmarc_ar(verdict.authentication_results)
     assert (piece.result, piece.header_from) == ("pass", "example.com")
@@ -681,7 +691,7 @@ def test_e2e_spf_aligned_pass(make_engine: Callable[..., Engine],
     dns_server.add("bounces.example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
     env = Envelope(client_ip="192.0.2.99", helo="mx.example.com",
                    mail_from="b@bounces.example.com", rcpt_to=("bob@example.net",))
-    verdict = evaluate(env, _e2e_message("example.com"), make_engine())
+    verdict = evaluate(env, _e2e_message("example.com"), _e2e_engine(make_engine))
     assert "spf=pass" in verdict.authentication_results, verdict.authentication_results
     (piece,) = _dmarc_ar(verdict.authentication_results)
     assert piece.result == "pass"
@@ -694,7 +704,7 @@ def test_e2e_reject(make_engine: Callable[..., Engine], dns_server: DNSServer) -
     raw = attacker.sign(_e2e_message("example.com"))
     env = Envelope(client_ip="192.0.2.99", helo="evil.example",
                    mail_from="ceo@example.com", rcpt_to=("bob@example.net",))
-    verdict = evaluate(env, raw, make_engine())
+    verdict = evaluate(env, raw, _e2e_engine(make_engine))
     ar = verdict.authentication_results
     assert "spf=fail" in ar and "dkim=pass" in ar, ar
     (piece,) = _dmarc_ar(ar)
@@ -711,7 +721,40 @@ def test_e2e_dns_failure_tempfails(make_engine: Callable[..., Engine],
     env = Envelope(client_ip="192.0.2.99", helo="evil.example", mail_from="ceo@example.com",
                    rcpt_to=("bob@example.net",))
     verdict = evaluate(env, _e2e_message("example.com"),
-                       make_engine({"dmarc": {"temperror_action": "tempfail"}}))
+                       _e2e_engine(make_engine, {"temperror_action": "tempfail"}))
     (piece,) = _dmarc_ar(verdict.authentication_results)
     assert piece.result == "temperror"
     assert verdict.action is Action.TEMPFAIL and verdict.smtp_code == "451"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile input: only typed errors, never a crash
+# ----------------------------------------------------------------------------------------------
+_RECORDISH = st.one_of(
+    st.text(max_size=200),
+    st.binary(max_size=200),
+    st.lists(st.sampled_from(["v=DMARC1", "p=reject", "p=", "sp=none", "pct=101", "pct=50",
+                              "adkim=s", "aspf=x", "rua=mailto:a@b", "rua=", "fo=1:d", "=",
+                              "ri=99999999999", "x", " ", "\t", "V = DMARC1", "p=none;p=none"]),
+             max_size=8).map(";".join),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_RECORDISH)
+def test_parser_raises_only_typed_errors(text: str | bytes) -> None:
+    for strict in (True, False):
+        try:
+            rec = dmarc.parse_record(text, strict=strict)
+        except dmarc.DMARCRecordError:
+            continue
+        assert 0 <= rec.pct <= 100 and isinstance(rec.p, dmarc.Policy)
+        assert dmarc.is_dmarc_record(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=80), max_size=3))
+def test_author_domains_never_raises(values: list[str]) -> None:
+    found = dmarc.author_domains(values)
+    assert found.header_count == len(values)
+    assert all(d == d.lower() and d.isascii() for d in found.domains)

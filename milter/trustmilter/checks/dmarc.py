@@ -580,10 +580,6 @@ def pct_selected(ctx: CheckContext, policy_domain: str, pct: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The check
 # ----------------------------------------------------------------------------------------------
-_STATUS_ORDER = {AuthStatus.FAIL: 0, AuthStatus.TEMPERROR: 1, AuthStatus.PERMERROR: 2,
-                 AuthStatus.NONE: 3, AuthStatus.PASS: 4}
-
-
 def run(ctx: CheckContext) -> CheckResult:
     settings: Settings = ctx.engine.cached(
         "dmarc.settings", lambda: settings_from(ctx.config.section(NAME)))
@@ -657,9 +653,9 @@ def run(ctx: CheckContext) -> CheckResult:
                 f"DMARC policy of {decisive.from_domain} could not be evaluated "
                 f"(temporary DNS failure); try again later", "451", "4.7.1")
     elif status is AuthStatus.PERMERROR:
-        if decisive.status is AuthStatus.PERMERROR or any(
-                r.status is AuthStatus.PERMERROR for r in results):
-            bad = next(r for r in results if r.status is AuthStatus.PERMERROR)
+        # A broken record (several From domains without one failing are flagged above).
+        bad = next((r for r in results if r.status is AuthStatus.PERMERROR), None)
+        if bad is not None:
             symbols.append(ctx.symbol("DMARC_BAD_POLICY", f"{bad.from_domain}: {bad.reason}"))
     else:
         symbols.append(ctx.symbol("DMARC_NA", f"{decisive.from_domain}: {decisive.reason}"))
@@ -671,8 +667,15 @@ def run(ctx: CheckContext) -> CheckResult:
             break
 
     single = len(results) == 1 and not authors.malformed
-    authres = [_ar_piece(r, downgrade_pass=not single and status is not AuthStatus.PASS,
-                         overridden=overridden and r is decisive) for r in results]
+    if authors.malformed and status is AuthStatus.PERMERROR:
+        # One clause for the message, as authentication_milter writes it: no domain to name.
+        authres = [DMARCAuthenticationResult(result="permerror",
+                                             result_comment="malformed From header")]
+    elif authors.malformed:
+        authres = [_ar_piece(decisive, downgrade_pass=True, overridden=overridden)]
+    else:
+        authres = [_ar_piece(r, downgrade_pass=not single and status is not AuthStatus.PASS,
+                             overridden=overridden and r is decisive) for r in results]
     reason = decisive.reason
     if not single:
         reason = f"From domains {', '.join(authors.domains[:5])}: {decisive.from_domain}: {reason}"
