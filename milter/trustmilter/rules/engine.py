@@ -301,6 +301,7 @@ class LinkTest:
     host: Matcher | None = None
     text: Matcher | None = None
     domains: frozenset[str] = frozenset()
+    not_domains: frozenset[str] = frozenset()
     schemes: frozenset[str] = frozenset()
     ip: bool | None = None
     idn: bool | None = None
@@ -327,6 +328,8 @@ class LinkTest:
             return False
         if self.domains and not _domain_in(link.host, link.domain, self.domains):
             return False
+        if self.not_domains and _domain_in(link.host, link.domain, self.not_domains):
+            return False
         if self.lookalike is not None and _is_lookalike(link.host, link.domain) != self.lookalike:
             return False
         if self.url is not None and self.url.find_text(link.url) is None:
@@ -346,9 +349,17 @@ def _domain_in(host: str, registered: str, domains: frozenset[str]) -> bool:
     return any(".".join(parts[i:]) in domains for i in range(1, len(parts) - 1))
 
 
+def imitated_brand(registered: str) -> str:
+    """The brand a registered domain imitates, or "". A brand's name on another public suffix
+    (google.de, amazon.fr) is the brand's own country domain, not an imitation."""
+    from trustmilter.content.features import lookalike_brand
+    brand = lookalike_brand(registered) if registered else ""
+    return "" if brand and registered.split(".", 1)[0] == brand else brand
+
+
 def _is_lookalike(host: str, registered: str) -> bool:
-    from trustmilter.content.features import brand_in_subdomain, lookalike_brand
-    return bool(lookalike_brand(registered) or brand_in_subdomain(host, registered))
+    from trustmilter.content.features import brand_in_subdomain
+    return bool(imitated_brand(registered) or brand_in_subdomain(host, registered))
 
 
 class Url(Condition):
@@ -609,6 +620,7 @@ class FromTest:
     name: Matcher | None = None
     address: Matcher | None = None
     domains: frozenset[str] = frozenset()
+    not_domains: frozenset[str] = frozenset()
     freemail: bool | None = None
     name_has_other_domain: bool | None = None
     lookalike: bool | None = None
@@ -640,16 +652,18 @@ class From(Condition):
         self.t = t
 
     def test(self, ev: Evaluation) -> bool:
-        from trustmilter.content.features import FREEMAIL, lookalike_brand
+        from trustmilter.content.features import FREEMAIL
         f = ev.features
         t = self.t
         notes = []
         if t.domains and not _domain_in(f.from_domain, f.from_rd, t.domains):
             return False
+        if t.not_domains and _domain_in(f.from_domain, f.from_rd, t.not_domains):
+            return False
         if t.freemail is not None and (f.from_rd in FREEMAIL) != t.freemail:
             return False
         if t.lookalike is not None:
-            brand = lookalike_brand(f.from_rd) if f.from_rd else ""
+            brand = imitated_brand(f.from_rd)
             if bool(brand) != t.lookalike:
                 return False
             if brand:

@@ -632,7 +632,8 @@ def _symbol(value: Any, where: _Where, line: int | None, key: str) -> Condition:
 
 @_leaf("url")
 def _url(value: Any, where: _Where, line: int | None, key: str) -> Condition:
-    spec = _mapping(value, ("url", "host", "text", "domain", "scheme", "ip", "idn", "userinfo",
+    spec = _mapping(value, ("url", "host", "text", "domain", "not_domain", "scheme", "ip", "idn",
+                            "userinfo",
                             "port", "text_mismatch", "lookalike", "in_html", "min_count"),
                     where, line, key)
     schemes = frozenset()
@@ -646,6 +647,8 @@ def _url(value: Any, where: _Where, line: int | None, key: str) -> Condition:
         text=_sub_matcher(spec, "text", where, line, key),
         domains=_domains(spec["domain"], where, _line(spec, "domain", line), f"{key}.domain")
         if "domain" in spec else frozenset(),
+        not_domains=_domains(spec["not_domain"], where, _line(spec, "not_domain", line),
+                             f"{key}.not_domain") if "not_domain" in spec else frozenset(),
         schemes=schemes,
         ip=_bool(spec, "ip", where, line, key),
         idn=_bool(spec, "idn", where, line, key),
@@ -722,8 +725,8 @@ def _authenticated(value: Any, where: _Where, line: int | None, key: str) -> Con
 
 @_leaf("from")
 def _from(value: Any, where: _Where, line: int | None, key: str) -> Condition:
-    spec = _mapping(value, ("name", "address", "domain", "freemail", "name_has_other_domain",
-                            "lookalike", "is_recipient"), where, line, key)
+    spec = _mapping(value, ("name", "address", "domain", "not_domain", "freemail",
+                            "name_has_other_domain", "lookalike", "is_recipient"), where, line, key)
     if not spec:
         raise where.error("expected at least one test", line, key)
     return From(FromTest(
@@ -731,6 +734,8 @@ def _from(value: Any, where: _Where, line: int | None, key: str) -> Condition:
         address=_sub_matcher(spec, "address", where, line, key),
         domains=_domains(spec["domain"], where, _line(spec, "domain", line), f"{key}.domain")
         if "domain" in spec else frozenset(),
+        not_domains=_domains(spec["not_domain"], where, _line(spec, "not_domain", line),
+                             f"{key}.not_domain") if "not_domain" in spec else frozenset(),
         freemail=_bool(spec, "freemail", where, line, key),
         name_has_other_domain=_bool(spec, "name_has_other_domain", where, line, key),
         lookalike=_bool(spec, "lookalike", where, line, key),
