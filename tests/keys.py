@@ -83,7 +83,8 @@ MESSAGE = (b"From: Alice Example <alice@example.org>\r\n"
 
 
 def sign(message: bytes, key: Key, selector: str, domain: str, *,
-         algorithm: bytes | None = None, canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
+         algorithm: bytes | None = None,
+         canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
          include_headers: list[bytes] | None = None) -> bytes:
     """``message`` with a DKIM-Signature by dkimpy prepended."""
     header = dkim.sign(message, selector.encode(), domain.encode(), key.private,

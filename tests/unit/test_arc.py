@@ -96,6 +96,17 @@ def test_oldest_pass_names_where_the_message_last_changed(keys: dict[str, Key],
                                                                      (1, False, True)]
 
 
+def test_sealer_key_with_a_service_list_is_usable(dns_server: Any, keys: dict[str, Key],
+                                                   engine: Engine) -> None:
+    # s=email:web is legal (RFC 6376 3.6.1); dkimpy's own key evaluation would drop the key.
+    dns_server.clear()
+    publish(dns_server, keys["list"], "arc", LIST, extra="s=email:web")
+    assert run_check(arc_check, engine, sealed_once(keys)).outcome.status is AuthStatus.PASS
+    dns_server.clear()
+    publish(dns_server, keys["list"], "arc", LIST, extra="s=web")   # not for email
+    assert run_check(arc_check, engine, sealed_once(keys)).outcome.status is AuthStatus.FAIL
+
+
 # ----- fail -------------------------------------------------------------------------------------
 
 def test_tampered_body_fails(keys: dict[str, Key], engine: Engine) -> None:
@@ -168,8 +179,8 @@ def test_trusted_sealer_matching(keys: dict[str, Key], make_engine: Callable[...
     assert [s.name for s in result.symbols] == ["ARC_ALLOW" if trusted else "ARC_PASS"]
 
 
-def test_trusted_sealer_with_a_broken_chain_is_not_trusted(keys: dict[str, Key],
-                                                           make_engine: Callable[..., Engine]) -> None:
+def test_trusted_sealer_with_a_broken_chain_is_not_trusted(
+        keys: dict[str, Key], make_engine: Callable[..., Engine]) -> None:
     engine = make_engine({"arc": {"trusted_sealers": [LIST]}})
     raw = sealed_once(keys).replace(b"in spirit", b"in person")
     result = run_check(arc_check, engine, raw)
@@ -247,7 +258,8 @@ def test_malformed_chains_fail_without_exceptions(dns_server: Any, engine: Engin
     authresults.parse(ar_text(result))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seal=st.binary(max_size=200), ams=st.binary(max_size=200))
 def test_no_arc_header_value_makes_the_check_raise(dns_server: Any, engine: Engine, seal: bytes,
                                                    ams: bytes) -> None:

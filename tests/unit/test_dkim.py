@@ -51,7 +51,8 @@ def rsa() -> Key:
 
 # ----- passing signatures -----------------------------------------------------------------------
 
-def test_rsa_2048_signature_passes_and_is_reported(dns_server: Any, engine: Engine, rsa: Key) -> None:
+def test_rsa_2048_signature_passes_and_is_reported(dns_server: Any, engine: Engine,
+                                                   rsa: Key) -> None:
     publish(dns_server, rsa, "sel1", DOMAIN)
     signed = sign(MESSAGE, rsa, "sel1", DOMAIN)
     result = run_check(dkim_check, engine, signed)
@@ -114,7 +115,8 @@ def test_stray_header_lines_do_not_lose_the_signature(dns_server: Any, engine: E
 
 # ----- several signatures -----------------------------------------------------------------------
 
-def test_every_signature_is_verified_and_reported(dns_server: Any, engine: Engine, rsa: Key) -> None:
+def test_every_signature_is_verified_and_reported(dns_server: Any, engine: Engine,
+                                                  rsa: Key) -> None:
     good, wrong = rsa, rsa_key(2048, "other")
     publish(dns_server, good, "good", DOMAIN)
     publish(dns_server, wrong, "bad", "lists.example.net")   # published key != signing key
@@ -332,7 +334,8 @@ def test_malformed_signatures_are_permerror_or_fail(dns_server: Any, engine: Eng
     authresults.parse(ar_text(result))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=st.binary(max_size=300))
 def test_no_signature_value_makes_the_check_raise(dns_server: Any, engine: Engine,
                                                   value: bytes) -> None:

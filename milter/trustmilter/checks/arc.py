@@ -31,7 +31,7 @@ import dkim.util
 from authres.arc import ARCAuthenticationResult
 
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.checks.dkim import DKIMPY_LOGGER, dkimpy_message
+from trustmilter.checks.dkim import DKIMPY_LOGGER, choose_key_record, dkimpy_message
 from trustmilter.checks.outcomes import ARCOutcome
 from trustmilter.errors import ConfigError, DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus
@@ -176,10 +176,22 @@ class KeyFetcher:
             raise dkim.DnsTimeoutError(str(exc)) from None
         except DNSPermError:
             return None
-        for record in records:
-            if re.search(rb"(^|;)\s*p\s*=", record):
-                return record
-        return records[0] if records else None
+        record = choose_key_record(records)
+        return None if record is None else _without_email_service_list(record)
+
+
+def _without_email_service_list(record: bytes) -> bytes:
+    """dkimpy's key evaluation drops a key whose s= is a list ("s=email:web", legal per RFC 6376
+    3.6.1). A list that includes email (or *) means the same as no s= tag, so it is removed;
+    anything else is left for dkimpy to judge."""
+    try:
+        tags = dkim.util.parse_tag_value(record)
+    except dkim.util.InvalidTagValueList:
+        return record
+    services = {s.strip().lower() for s in tags.get(b"s", b"").split(b":")}
+    if b"s" not in tags or not services & {b"email", b"*"}:
+        return record
+    return b"; ".join(k + b"=" + v for k, v in tags.items() if k != b"s")
 
 
 def _key_name(selector: bytes, domain: bytes) -> bytes:
@@ -260,8 +272,8 @@ def validate(ctx: CheckContext) -> ChainValidation:
         return ChainValidation(ARCOutcome(AuthStatus.NONE, reason="no ARC sets"))
     sealer = _newest_sealer(sorted_headers, instances)
     if instances > MAX_INSTANCES:
-        return ChainValidation(ARCOutcome(AuthStatus.FAIL, sealer, instances,
-                                          reason=f"{instances} ARC sets, more than {MAX_INSTANCES}"))
+        why = f"{instances} ARC sets, more than {MAX_INSTANCES}"
+        return ChainValidation(ARCOutcome(AuthStatus.FAIL, sealer, instances, reason=why))
     fetcher = KeyFetcher(ctx)
     try:
         cv, results, why = validator.verify(dnsfunc=fetcher)
@@ -310,10 +322,13 @@ def sealer_trusted(sealer: str | None, trusted: list[str]) -> bool:
     return False
 
 
+_SEALER_ENTRY = re.compile(r"(\*\.)?[A-Za-z0-9._-]+\.?")
+
+
 def setup(engine: Any) -> None:
     """Reject unusable trusted_sealers entries at start (this disables the check, loudly)."""
     for entry in engine.config.section(NAME).get("trusted_sealers") or []:
-        if not isinstance(entry, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9._-]+\.?", entry.strip()):
+        if not isinstance(entry, str) or not _SEALER_ENTRY.fullmatch(entry.strip()):
             raise ConfigError(f"not a domain: {entry!r}", key="arc.trusted_sealers")
 
 

@@ -17,8 +17,8 @@ treating it as valid); permerror = malformed signature, missing/revoked/unusable
 temperror = the key could not be fetched (DNS timeout, SERVFAIL, deadline). Nothing raises out
 of ``run``: a signature that breaks the verifier in an unforeseen way is a permerror.
 
-The helpers ``dkimpy_message``, ``DKIMPY_LOGGER`` and ``key_name`` are shared with the ARC check
-(the same dkimpy glue; no results are shared that way).
+The helpers ``dkimpy_message``, ``DKIMPY_LOGGER`` and ``choose_key_record`` are shared with the
+ARC check (the same dkimpy glue; no results are shared that way).
 """
 from __future__ import annotations
 
@@ -364,7 +364,7 @@ def verify_message(ctx: CheckContext) -> tuple[list[Verified], int]:
     found: list[Verified] = []
     for header in values[:limit]:
         found.append(verify_one(verifier, (header[0], header[1]), ctx, min_bits, max_bits))
-    for item, length in zip(found, _header_b_lengths(found)):
+    for item, length in zip(found, _header_b_lengths(found), strict=True):
         if length != len(item.result.b):
             res = item.result
             item.result = DKIMSignatureResult(res.status, res.domain, res.selector,
@@ -376,7 +376,8 @@ def _authres(item: Verified) -> DKIMAuthenticationResult:
     res = item.result
     comment = None
     if item.key_bits:
-        comment = "ed25519 key" if res.algorithm.startswith("ed25519") else f"{item.key_bits}-bit key"
+        comment = (f"{item.key_bits}-bit key" if not res.algorithm.startswith("ed25519")
+                   else "ed25519 key")
         if item.testing:
             comment += "; testing"
     # authres quotes reason=, except when it holds an "@" (then it writes it bare, and a reason
