@@ -13,6 +13,7 @@ A fixture file (``fixtures/*.yaml`` beside the rules) maps fixture names to fixt
                  rcpt: [b@example.net]}          # optional; see below
       dns:                                       # optional records the fixture's DNS serves
         - [example.org, TXT, "v=spf1 ip4:192.0.2.1 -all"]
+      config: {uribl: {lists: {spamhaus_dbl: {enabled: true}}}}   # optional config overrides
       expect:
         symbols: [GTUBE_REJECT]                  # must be present
         absent: [GTUBE_JUNK]                     # must not be
@@ -26,7 +27,9 @@ learned state (``SITE_STATE_CHECKS``) are switched off so a fixture means the sa
 """
 from __future__ import annotations
 
+import copy
 import email.utils
+import json
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ from trustmilter.types import Action, Envelope
 # Checks that read this site's learned state (Bayes tokens, reputation history): off in fixture
 # runs, or a fixture would pass at one site and fail at another.
 SITE_STATE_CHECKS = ("bayes", "reputation")
-FIXTURE_KEYS = ("description", "message", "message_file", "envelope", "dns", "expect")
+FIXTURE_KEYS = ("description", "message", "message_file", "envelope", "dns", "config", "expect")
 ENVELOPE_KEYS = ("client_ip", "helo", "mail_from", "rcpt", "auth_user")
 EXPECT_KEYS = ("symbols", "absent", "action")
 
@@ -69,6 +72,7 @@ class Fixture:
     absent: list[str] = field(default_factory=list)
     action: Action | None = None
     description: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -169,9 +173,25 @@ def _fixture(name: str, body: Any, file: Path, line: int | None) -> Fixture:
     description = body.get("description", "")
     if not isinstance(description, str):
         raise err("expected a string", "description", body, "description")
+    overrides = body.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise err("expected a mapping of config overrides", "config", body, "config")
+    try:  # validated against the documented defaults now, with this file's name in the error
+        load_config(None, _plain(overrides))
+    except ConfigError as exc:
+        raise err(f"bad config override: {exc.detail} ({exc.key})", "config", body,
+                  "config") from None
     return Fixture(name=name, file=str(file), line=line, message=raw, envelope=envelope,
                    dns=records, symbols=symbols, absent=absent, action=action,
-                   description=description)
+                   description=description, config=_plain(overrides))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _names(value: Any, err: Any) -> list[str]:
@@ -353,10 +373,23 @@ class FixtureDNS:
 # ---------------------------------------------------------------------------------------------
 # Running fixtures
 # ---------------------------------------------------------------------------------------------
-def fixture_config(config_path: str | None, dns_address: str) -> Config:
-    """The site's config with DNS pointed at the fixture server, short timeouts, no cache."""
-    return load_config(config_path, {"dns": {"server": dns_address, "timeout": 1.0,
-                                             "deadline": 3.0, "cache_size": 0}})
+def fixture_config(config_path: str | None, dns_address: str,
+                   extra: dict[str, Any] | None = None) -> Config:
+    """The site's config with DNS pointed at the fixture server, short timeouts, no cache,
+    plus a fixture's own ``config`` overrides."""
+    overrides = _merge(copy.deepcopy(extra or {}),
+                       {"dns": {"server": dns_address, "timeout": 1.0, "deadline": 3.0,
+                                "cache_size": 0}})
+    return load_config(config_path, overrides)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def run_fixtures(fixtures: list[Fixture], config_path: str | None, rule_set: RuleSet | None,
@@ -366,19 +399,28 @@ def run_fixtures(fixtures: list[Fixture], config_path: str | None, rule_set: Rul
     from trustmilter.pipeline import Engine, evaluate
 
     server = FixtureDNS()
+    engines: dict[str, Engine] = {}
+
+    def engine_for(fixture: Fixture) -> Engine:
+        key = json.dumps(fixture.config, sort_keys=True)
+        if key not in engines:
+            engine = Engine.from_config(fixture_config(config_path, server.address,
+                                                       fixture.config))
+            if rule_set is not None:
+                rules_check.install(engine, rule_set)
+            if rules_check.NAME in engine.disabled:
+                raise ConfigError("the rules check is disabled: "
+                                  f"{engine.disabled[rules_check.NAME]}", key="rules")
+            if not all_checks:
+                for name in SITE_STATE_CHECKS:
+                    engine.disabled.setdefault(name, "off in fixture runs (site state)")
+            engines[key] = engine
+        return engines[key]
+
     try:
-        config = fixture_config(config_path, server.address)
-        engine = Engine.from_config(config)
-        if rule_set is not None:
-            rules_check.install(engine, rule_set)
-        if rules_check.NAME in engine.disabled:
-            raise ConfigError(f"the rules check is disabled: {engine.disabled[rules_check.NAME]}",
-                              key="rules")
-        if not all_checks:
-            for name in SITE_STATE_CHECKS:
-                engine.disabled.setdefault(name, "off in fixture runs (site state)")
         results = []
         for fixture in fixtures:
+            engine = engine_for(fixture)
             server.set_records(fixture.dns)
             verdict = evaluate(fixture.envelope, fixture.message, engine)
             names = verdict.symbol_names()
