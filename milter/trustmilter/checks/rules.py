@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 NAME = "rules"
 # Every other check in checks.ALL: rules see all their symbols. setup() refuses to run when a
 # name here is not a check of the engine (the pipeline would otherwise skip rules silently).
-DEPENDS: tuple[str, ...] = ("spf", "dkim", "arc", "iprev", "helo", "dmarc", "dnsbl", "uribl", "bayes",
-                          "model")
+DEPENDS: tuple[str, ...] = ("spf", "dkim", "arc", "iprev", "helo", "dmarc", "dnsbl", "uribl",
+                          "bayes", "model", "reputation")
 STATE_KEY = "rules.rule_set"
 
 log = logging.getLogger("trustmilter.checks.rules")

@@ -37,7 +37,7 @@ from trustmilter.types import Action, AuthStatus
 
 log = logging.getLogger("trustmilter.rules")
 
-RULE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
+RULE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 RULE_KEYS = ("description", "score", "match", "action", "reason", "enabled")
 PATCH_KEYS = frozenset(RULE_KEYS) - {"match"}
 MAX_SCORE = 1000.0
@@ -244,7 +244,7 @@ def _parse_rule(name: Any, body: Any, file: str, line: int | None, limits: Limit
                 shipped: Rule | None, is_local: bool) -> Rule:
     where = _Where(file, limits)
     if not isinstance(name, str) or not RULE_NAME.match(name):
-        raise where.error("a rule name is a symbol: capital letters, digits and _, 2 to 64 "
+        raise where.error("a rule name is a symbol: capital letters, digits and _, 1 to 64 "
                           "characters, starting with a letter", line, str(name))
     if not isinstance(body, dict):
         raise where.error("a rule is a mapping (description, score, match, ...)", line, name)
