@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from trustmilter.checks.outcomes import (ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome)
 from trustmilter.message import decode_words
 from trustmilter.types import Action, AuthStatus, Envelope
 
 if TYPE_CHECKING:
     from trustmilter.checks.base import CheckResult
+    from trustmilter.checks.outcomes import DKIMOutcome
     from trustmilter.content.features import Attachment, Link, MessageFeatures
     from trustmilter.message import ParsedMessage
 
@@ -478,7 +478,7 @@ class Authenticated(Condition):
         return bool(ev.envelope.auth_user) == self.value
 
 
-def dkim_status(outcome: DKIMOutcome) -> AuthStatus:
+def dkim_status(outcome: "DKIMOutcome") -> AuthStatus:
     """One status for all signatures: pass if any passes, none without signatures, otherwise
     temperror before fail before the first signature's own status."""
     statuses = [s.status for s in outcome.signatures]
@@ -512,6 +512,8 @@ class Auth(Condition):
         self.t = t
 
     def test(self, ev: Evaluation) -> bool:
+        # Imported here: trustmilter.checks imports the rules check, which imports this module.
+        from trustmilter.checks.outcomes import ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome
         t = self.t
         notes = []
         if t.spf:

@@ -440,6 +440,8 @@ def _range(value: Any, where: _Where, line: int | None, key: str) -> Range:
         raise where.error("expected a number or {min: N, max: N}", line, key)
     if isinstance(value, (int, float)):
         return Range(float(value), float(value))
+    if not isinstance(value, dict):
+        raise where.error("expected a number or {min: N, max: N}", line, key)
     mapping = _mapping(value, ("min", "max"), where, line, key)
     bounds = {}
     for bound in ("min", "max"):
