@@ -23,6 +23,7 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import select
 import signal
 import threading
 import time
@@ -85,8 +86,31 @@ _engine: Engine | None = None
 _generation = 0
 
 
+def _exit_with(parent_pid: int) -> None:
+    """Exit when the milter process is gone, however it died. A SIGKILLed milter cannot stop its
+    pool, and a worker blocked on the task queue never sees EOF (every worker holds the queue's
+    write end), so without this the workers, the forkserver and the resource tracker would live
+    on as orphans."""
+    try:
+        fd = os.pidfd_open(parent_pid)   # readable once that process has exited
+    except ProcessLookupError:
+        os._exit(70)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        select.select([fd], [], [])
+    else:  # pragma: no cover - kernels before 5.3
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                break
+    os._exit(70)
+
+
 def _init_worker(config_path: str | None, overrides: dict[str, Any], generation: int,
-                 log_setup: dict[str, Any] | None) -> None:
+                 log_setup: dict[str, Any] | None, parent_pid: int) -> None:
     global _engine, _generation
     # A worker inherits whatever mask its parent had; it must die on TERM from its pool and
     # ignore the terminal's INT/HUP (the milter decides when work stops).
@@ -95,6 +119,8 @@ def _init_worker(config_path: str | None, overrides: dict[str, Any], generation:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent_pid,), name="parent-watch",
+                     daemon=True).start()
     if log_setup is not None:
         setup_logging(**log_setup)
     _engine = Engine.from_config(load_config(config_path, overrides))
@@ -152,7 +178,7 @@ class WorkerPool:
         self.generation = generation
         self._executor = cf.ProcessPoolExecutor(
             max_workers=size, mp_context=ctx, initializer=_init_worker,
-            initargs=(config_path, overrides, generation, log_setup))
+            initargs=(config_path, overrides, generation, log_setup, os.getpid()))
 
     def warm_up(self, timeout: float = 120.0) -> list[int]:
         """Start every worker and wait until they have built their engines. Raises

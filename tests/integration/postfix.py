@@ -356,4 +356,163 @@ def xclient(smtp: smtplib.SMTP, addr: str, helo: str, name: str = "[UNAVAILABLE]
         raise smtplib.SMTPHeloError(code, text)
 
 
-__all__ = ["PostfixInstance", "free_port", "postfix_available", "wait_for_port", "xclient"]
+class MilterProcess:
+    """``trustmilter serve`` as a real subprocess, with a YAML config the test writes. The log
+    goes to a file; per-message lines are JSON (milter.log_format: json) so tests can read them."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], socket_spec: str,
+                 extra_args: tuple[str, ...] = (), use_config_file: bool = True) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "trustmilter.yaml"
+        self.log_path = workdir / "trustmilter.log"
+        self.socket_spec = socket_spec
+        self.extra_args = extra_args
+        self.use_config_file = use_config_file
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_config(config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        import yaml
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def socket_path(self) -> str | None:
+        spec = self.socket_spec
+        return spec.split(":", 1)[1] if spec.startswith(("unix:", "local:")) else None
+
+    def start(self, timeout: float = 60.0) -> "MilterProcess":
+        import sys
+        cmd = [sys.executable, "-m", "trustmilter.cli", "serve", "--socket", self.socket_spec]
+        if self.use_config_file:
+            cmd += ["--config", str(self.config_path)]
+        cmd += list(self.extra_args)
+        self.log_offset = len(self.log_file_text())
+        self.stderr = open(self.workdir / "stderr.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.stderr, stderr=self.stderr,
+                                     cwd=str(self.workdir))
+        self.wait_log("listening on", timeout=timeout, since=self.log_offset)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        parts = []
+        for path in (self.log_path, self.workdir / "stderr.log"):
+            try:
+                parts.append(path.read_text(errors="replace"))
+            except FileNotFoundError:
+                pass
+        return "\n".join(parts)
+
+    def log_file_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float = 30.0, since: int = 0) -> str:
+        """Wait for ``needle`` in the log file after character offset ``since``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_file_text()[since:]
+            if needle in text:
+                return text
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"trustmilter exited ({self.proc.returncode}) before "
+                                   f"logging {needle!r}:\n{self.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{needle!r} not logged after {timeout:g}s:\n"
+                                   f"{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The per-message log lines (JSON objects), oldest first."""
+        out = []
+        for line in self.log_file_text().splitlines():
+            head, sep, rest = line.partition(" INFO {")
+            if sep:
+                try:
+                    out.append(json.loads("{" + rest))
+                except ValueError:
+                    continue
+        return out
+
+    def message(self, queue_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in self.messages():
+                if entry.get("queue_id") == queue_id:
+                    return entry
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no log line for {queue_id}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def reload(self, config: dict[str, Any] | None = None, timeout: float = 60.0) -> None:
+        """Write ``config`` (if given), send SIGUSR1, wait until the new workers are in."""
+        import signal
+        if config is not None:
+            self.write_config(config)
+        since = len(self.log_file_text())
+        os.kill(self.pid, signal.SIGUSR1)
+        self.wait_log("reloaded", timeout=timeout, since=since)
+
+    def children(self) -> list[int]:
+        """Processes whose parent is the milter (its forkserver, resource tracker, workers)."""
+        return children_of(self.pid)
+
+    def stop(self, sig: int | None = None, timeout: float = 30.0) -> int:
+        import signal
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig if sig is not None else signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.stderr.close()
+        self.proc = None
+        return rc
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc), nearest first."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the ppid follows the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        parents[int(entry)] = int(fields[1])
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop(0)
+        kids = [p for p, pp in parents.items() if pp == current]
+        out += kids
+        frontier += kids
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+__all__ = ["MilterProcess", "PostfixInstance", "alive", "children_of", "free_port",
+           "postfix_available", "wait_for_port", "xclient"]
