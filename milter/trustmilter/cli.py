@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "trustmilter.server",        # serve
     "trustmilter.content.cli",   # train, learn, evaluate, models
     "trustmilter.rules.cli",     # rules check, rules test
+    "trustmilter.state_cli",     # reputation, history, quarantine
 )
 
 

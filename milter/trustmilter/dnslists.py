@@ -335,10 +335,11 @@ def _pool(name: str, threads: int) -> cf.ThreadPoolExecutor:
         return pool
 
 
-class _ThrottledLog:
+class ThrottledLog:
     """A list that refuses us refuses every message: say so once a minute, not per message."""
 
-    def __init__(self, interval: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self.logger = logger
         self.interval = interval
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -350,10 +351,10 @@ class _ThrottledLog:
             loud = last is None or now - last >= self.interval
             if loud:
                 self._last[key] = now
-        log.log(logging.WARNING if loud else logging.DEBUG, msg, *args)
+        self.logger.log(logging.WARNING if loud else logging.DEBUG, msg, *args)
 
 
-throttled = _ThrottledLog()
+throttled = ThrottledLog(log)
 
 
 def _query(session: "DNSSession", qname: str) -> list[str | bytes]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from trustmilter.checks import arc, dkim, dmarc, helo, iprev, spf
+from trustmilter.checks import (arc, bayes, dkim, dmarc, dnsbl, helo, iprev, model,
+                                reputation, spf, uribl)
 
-ALL: tuple[ModuleType, ...] = (spf, dkim, arc, iprev, helo, dmarc)
+ALL: tuple[ModuleType, ...] = (spf, dkim, arc, iprev, helo, dmarc, dnsbl, uribl, reputation,
+                               bayes, model)
 
 # YAML rules run after every other check (their DEPENDS name them all) to see their symbols.
 from trustmilter.checks import rules  # noqa: E402
