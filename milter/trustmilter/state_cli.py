@@ -128,11 +128,11 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 # ---- quarantine ---------------------------------------------------------------------------------
-def _quarantine(args: argparse.Namespace, readonly: bool) -> tuple[Any, Any]:
+def _quarantine(args: argparse.Namespace, readonly: bool, must_exist: bool = True) -> tuple[Any, Any]:
     from trustmilter.store.quarantine import PostfixQueue, QuarantineIndex
     config = _config(args)
     index = QuarantineIndex.from_config(config, readonly=readonly)
-    if readonly and not index.db.exists():
+    if readonly and must_exist and not index.db.exists():
         raise TrustmilterError(f"{index.path}: nothing quarantined yet")
     return index, PostfixQueue.from_config(config)
 
@@ -142,8 +142,10 @@ def _actor() -> str:
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
-    index, mta = _quarantine(args, readonly=True)
-    entries = index.entries(status=None if args.all else "held", limit=args.limit)
+    # With --mta the hold queue is listed even before anything was indexed (a lost index).
+    index, mta = _quarantine(args, readonly=True, must_exist=not args.mta)
+    have_index = index.db.exists()
+    entries = index.entries(status=None if args.all else "held", limit=args.limit) if have_index else []
     held: dict[str, Any] | None = mta.held() if args.mta else None
     if args.json:
         for e in entries:
@@ -154,7 +156,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
         if held is not None:
             known = {e.queue_id for e in entries}
             for qid, item in held.items():
-                if qid not in known and index.get(qid) is None:
+                if qid not in known and (not have_index or index.get(qid) is None):
                     _print_json({"queue_id": qid, "status": "unindexed", "sender": item.get("sender"),
                                  "time": item.get("arrival_time")})
         return 0
@@ -172,7 +174,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     if held is not None:
         known = {e.queue_id for e in entries}
         for qid, item in held.items():
-            if qid not in known and index.get(qid) is None:
+            if qid not in known and (not have_index or index.get(qid) is None):
                 print(f"{qid:<14} {_when(item.get('arrival_time')):<19} {'':>6} {'unindexed':<9} "
                       f"{_short('<' + str(item.get('sender', '')) + '>', 30):<30}")
     return 0
