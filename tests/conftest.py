@@ -49,12 +49,14 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 def make_engine(dns_server: TestDNSServer) -> Callable[..., Engine]:
     """make_engine(overrides) -> an Engine whose resolver is the test DNS server (no cache, so
-    tests that change zone data see it), with short timeouts so cued timeouts are quick."""
+    tests that change zone data see it). The timeout is short so cued timeouts stay quick, but
+    not so short that a busy 2-core CI machine (the server shares this process's GIL) turns a
+    slow answer into a spurious temperror."""
 
     def factory(overrides: dict[str, Any] | None = None) -> Engine:
         base: dict[str, Any] = {
             "authserv_id": "mx.test.example",
-            "dns": {"server": dns_server.address, "timeout": 0.5, "deadline": 3.0,
+            "dns": {"server": dns_server.address, "timeout": 1.5, "deadline": 6.0,
                     "cache_size": 0},
         }
         merged = _deep_update(copy.deepcopy(base), overrides or {})
