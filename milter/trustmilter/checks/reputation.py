@@ -98,9 +98,9 @@ def run(ctx: CheckContext) -> CheckResult:
     if not keys:
         return out
     store = _store(engine)
-    if not store.db.exists():
-        return out      # nothing recorded yet
     try:
+        if not store.db.exists():
+            return out      # nothing recorded yet
         stats = store.lookup(keys)
         created = engine.cached("reputation.created", store.created)
     except (StateError, sqlite3.Error) as exc:

@@ -117,7 +117,11 @@ class Database:
 
     # ---- connections ------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.path.exists()
+        """Whether the file exists; StateError when we may not even look (permissions)."""
+        try:
+            return self.path.exists()
+        except OSError as exc:
+            raise StateError(f"{self.path}: {exc.strerror or exc}") from None
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (made on first use; a forked child makes its own)."""
