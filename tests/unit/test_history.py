@@ -113,7 +113,7 @@ def test_recorder_writes_every_verdict(tmp_path: Path) -> None:
                                                                    "quarantine")]))
     assert rec.flush(5)
     rec.close()
-    rows = HistoryStore(tmp_path / "history.db").query()
+    rows = HistoryStore(tmp_path / "history.sqlite").query()
     assert len(rows) == 2
     first, second = rows
     assert (first.queue_id, first.action, first.score, first.message_id) == (
@@ -129,19 +129,19 @@ def test_recorder_prunes_old_history(tmp_path: Path) -> None:
     clock = Clock(T0)
     config = load_config(None, {"state": {"dir": str(tmp_path), "prune_interval_s": 0},
                                 "history": {"retention_days": 1}})
-    HistoryStore(tmp_path / "history.db").add_many([_entry(T0 - 3 * DAY)] * 5)
+    HistoryStore(tmp_path / "history.sqlite").add_many([_entry(T0 - 3 * DAY)] * 5)
     rec = StateRecorder(config, clock=clock)
     rec.record(Envelope(client_ip="81.2.69.160"), _verdict())
     assert rec.flush(5)
     rec.close()
-    assert [e.time for e in HistoryStore(tmp_path / "history.db").query()] == [T0]
+    assert [e.time for e in HistoryStore(tmp_path / "history.sqlite").query()] == [T0]
 
 
 def test_history_cli(tmp_path: Path, capsys) -> None:
     conf = tmp_path / "tm.yaml"
     conf.write_text(f"state:\n  dir: {tmp_path}\n")
     now = time.time()
-    store = HistoryStore(tmp_path / "history.db")
+    store = HistoryStore(tmp_path / "history.sqlite")
     store.add_many([_entry(now - 7200, "reject", "OLDREJECT1", 20.0), _entry(now - 60, "reject", "NEWREJECT1", 18.5),
                     _entry(now - 30, "inbox", "NEWINBOX01", -1.0)])
     assert cli.main(["history", "--since", "1h", "--action", "reject", "--json", "--config", str(conf)]) == 0

@@ -45,14 +45,14 @@ def test_good_queue_ids() -> None:
 def test_index_entries_and_private_files(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
-        index = QuarantineIndex(tmp_path / "state" / "quarantine.db")
+        index = QuarantineIndex(tmp_path / "state" / "quarantine.sqlite")
         index.add_many([QuarantineEntry(queue_id=f"AAAA{i}BBBB", time=T0 + i, sender="s@x.example",
                                         recipients=["u@dest.test"], subject=f"s{i}", score=13.0,
                                         symbols=[["X", 13.0]]) for i in range(3)])
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-    assert stat.S_IMODE((tmp_path / "state" / "quarantine.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state" / "quarantine.sqlite").stat().st_mode) == 0o600
     assert [e.subject for e in index.entries()] == ["s0", "s1", "s2"]
     entry = index.get("AAAA1BBBB")
     assert entry is not None and entry.symbols == [["X", 13.0]] and entry.status == HELD
@@ -71,9 +71,9 @@ def test_root_hands_new_files_to_the_service_user(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     os.chown(state, nobody.pw_uid, nobody.pw_gid)
-    index = QuarantineIndex(state / "quarantine.db")
+    index = QuarantineIndex(state / "quarantine.sqlite")
     index.add_many([QuarantineEntry(queue_id="AAAA0BBBB", time=T0)])
-    for name in ("quarantine.db", "quarantine.db-wal", "quarantine.db-shm"):
+    for name in ("quarantine.sqlite", "quarantine.sqlite-wal", "quarantine.sqlite-shm"):
         if (state / name).exists():
             assert (state / name).stat().st_uid == nobody.pw_uid, name
 
@@ -91,7 +91,7 @@ def test_recorder_indexes_quarantined_verdicts_only(tmp_path: Path) -> None:
     rec.record(Envelope(queue_id="5A5A5A5A5A"), shadow)
     assert rec.flush(5)
     rec.close()
-    entries = QuarantineIndex(tmp_path / "quarantine.db").entries(status=None)
+    entries = QuarantineIndex(tmp_path / "quarantine.sqlite").entries(status=None)
     assert len(entries) == 1
     e = entries[0]
     assert (e.queue_id, e.sender, e.recipients, e.subject, e.score, e.message_id) == (
@@ -190,7 +190,7 @@ def test_list_show_release_delete_through_postfix(postfix: PostfixInstance, tmp_
     assert f"{q1}: released" in capsys.readouterr().out
     delivered = pf.find_delivered(m1)
     assert b"HOLDME 1" in delivered
-    index = QuarantineIndex(tmp_path / "quarantine.db")
+    index = QuarantineIndex(tmp_path / "quarantine.sqlite")
     assert index.get(q1).status == "released" and index.get(q1).status_by
     assert q1 not in pf.hold_queue_ids()
 
@@ -225,7 +225,7 @@ def test_released_elsewhere_is_not_marked_and_shows_as_gone(postfix: PostfixInst
     assert "not in the hold queue" in capsys.readouterr().err
     assert cli.main(["quarantine", "delete", q3, "--config", conf]) == 1
     capsys.readouterr()
-    assert QuarantineIndex(tmp_path / "quarantine.db").get(q3).status == "held"   # untouched
+    assert QuarantineIndex(tmp_path / "quarantine.sqlite").get(q3).status == "held"   # untouched
     assert cli.main(["quarantine", "list", "--mta", "--config", conf]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(q3))
     assert " gone " in line
@@ -236,7 +236,7 @@ def test_a_held_message_missing_from_the_index_can_still_be_released(postfix: Po
     pf = postfix
     conf = _conf(tmp_path, pf)
     q4, m4 = _hold(pf, 4)
-    assert not (tmp_path / "quarantine.db").exists()            # its index entry was lost
+    assert not (tmp_path / "quarantine.sqlite").exists()            # its index entry was lost
     assert cli.main(["quarantine", "list", "--mta", "--json", "--config", conf]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {"queue_id": q4, "status": "unindexed"}.items() <= next(r for r in rows if r["queue_id"] == q4).items()
@@ -250,7 +250,7 @@ def test_release_library_call_marks_only_after_postfix_confirmed(postfix: Postfi
     pf = postfix
     q5, m5 = _hold(pf, 5)
     _index_verdict(tmp_path, q5, m5, 5)
-    index = QuarantineIndex(tmp_path / "quarantine.db")
+    index = QuarantineIndex(tmp_path / "quarantine.sqlite")
     mta = PostfixQueue(config_dir=str(pf.config_dir), postsuper=POSTSUPER)
     assert q5 in mta.held()
     entry = release(index, mta, q5, by="test")

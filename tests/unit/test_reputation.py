@@ -146,7 +146,7 @@ def _engine(make_engine: Callable[..., Engine], tmp_path: Path, clock: Clock | N
     if clock is not None:
         section = engine.config.section("reputation")
         engine.state["reputation.reader"] = ReputationStore(
-            tmp_path / "reputation.db", Policy.from_config(section), readonly=True,
+            tmp_path / "reputation.sqlite", Policy.from_config(section), readonly=True,
             busy_timeout_ms=int(section["read_timeout_ms"]), clock=clock)
     return engine
 
@@ -157,7 +157,7 @@ def _sender_dns(dns_server) -> None:
 
 
 def _seed(tmp_path: Path, items: list[tuple[list[str], str, float]], created: float = T0 - 30 * DAY) -> None:
-    store = ReputationStore(tmp_path / "reputation.db", clock=Clock(created))
+    store = ReputationStore(tmp_path / "reputation.sqlite", clock=Clock(created))
     store.record(items)
     with store.db.write() as conn:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'created'", [repr(created)])
@@ -173,7 +173,7 @@ def test_no_database_yet_means_no_symbols(dns_server, make_engine, tmp_path) -> 
     verdict = evaluate(ENV, MSG, _engine(make_engine, tmp_path))
     assert "SPF_PASS" in verdict.symbol_names() and "DMARC_POLICY_ALLOW" in verdict.symbol_names()
     assert _rep(verdict) == {}
-    assert not (tmp_path / "reputation.db").exists()     # reading never creates it
+    assert not (tmp_path / "reputation.sqlite").exists()     # reading never creates it
 
 
 def test_bad_domain_history(dns_server, make_engine, tmp_path) -> None:
@@ -236,7 +236,7 @@ def test_an_unauthenticated_from_never_counts(dns_server, make_engine, tmp_path)
 def test_a_locked_database_costs_a_symbol_not_a_stall(dns_server, make_engine, tmp_path, caplog) -> None:
     _sender_dns(dns_server)
     _seed(tmp_path, [(["spf:sender-corp.com"], "reject", T0 - 5 * DAY)] * 6)
-    locker = sqlite3.connect(tmp_path / "reputation.db", isolation_level=None)
+    locker = sqlite3.connect(tmp_path / "reputation.sqlite", isolation_level=None)
     locker.execute("PRAGMA locking_mode = EXCLUSIVE")
     locker.execute("BEGIN EXCLUSIVE")
     locker.execute("UPDATE meta SET value = value WHERE key = 'schema'")
@@ -341,7 +341,7 @@ def test_recorder_writes_reputation_from_the_verdicts_authentication_results(dns
     rec.record(Envelope(client_ip=IP, auth_user="alice"), verdict)     # our user: no reputation
     assert rec.flush(10)
     rec.close()
-    store = ReputationStore(tmp_path / "reputation.db", clock=clock)
+    store = ReputationStore(tmp_path / "reputation.sqlite", clock=clock)
     st = store.lookup(["spf:sender-corp.com", "dmarc:sender-corp.com", "org:sender-corp.com",
                        f"ip:{IP}", "net:81.2.69.0/24"])
     assert set(st) == {"spf:sender-corp.com", "dmarc:sender-corp.com", "org:sender-corp.com",
@@ -354,7 +354,7 @@ def test_recorder_never_blocks_when_the_database_is_locked(tmp_path, caplog) -> 
     rec = _recorder(tmp_path, clock, busy_timeout_ms=50, queue_size=5)
     rec.record(ENV, _verdict(Action.INBOX, 0.0))
     assert rec.flush(5)
-    locker = sqlite3.connect(tmp_path / "reputation.db", isolation_level=None)
+    locker = sqlite3.connect(tmp_path / "reputation.sqlite", isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")      # another writer (a CLI, learn) holds the write lock
     locker.execute("UPDATE meta SET value = value WHERE key = 'schema'")
     try:
@@ -370,12 +370,12 @@ def test_recorder_never_blocks_when_the_database_is_locked(tmp_path, caplog) -> 
         locker.close()
     assert any("record(s) lost" in r.getMessage() for r in caplog.records)
     # history (another file) got every verdict that was queued
-    rows = sqlite3.connect(tmp_path / "history.db").execute("SELECT count(*) FROM history").fetchone()[0]
+    rows = sqlite3.connect(tmp_path / "history.sqlite").execute("SELECT count(*) FROM history").fetchone()[0]
     assert rows == 1 + sum(results)
     rec.record(ENV, _verdict(Action.JUNK, 7.0))
     assert rec.flush(5)
     rec.close()
-    st = ReputationStore(tmp_path / "reputation.db").lookup([f"ip:{IP}"], now=T0)[f"ip:{IP}"]
+    st = ReputationStore(tmp_path / "reputation.sqlite").lookup([f"ip:{IP}"], now=T0)[f"ip:{IP}"]
     assert st.junk == pytest.approx(1.0) and st.ham == pytest.approx(1.0)
 
 
@@ -392,7 +392,7 @@ def test_learn_corrections_from_history_and_from_authentication_results(tmp_path
     config = load_config(None, {"state": {"dir": str(tmp_path)}, "authserv_id": "mx.test.example"})
     fb = ReputationFeedback(config)
     fb.store.clock = clock
-    store = ReputationStore(tmp_path / "reputation.db", clock=clock)
+    store = ReputationStore(tmp_path / "reputation.sqlite", clock=clock)
 
     c = fb.correct(MSG, "ham")
     assert c.source == "history" and c.previous == "junk" and "spf:sender-corp.com" in c.keys
@@ -419,7 +419,7 @@ def test_reputation_cli(tmp_path, capsys) -> None:
     conf = tmp_path / "tm.yaml"
     conf.write_text(f"state:\n  dir: {tmp_path}\n")
     now = time.time()
-    store = ReputationStore(tmp_path / "reputation.db")
+    store = ReputationStore(tmp_path / "reputation.sqlite")
     store.record([(["dkim:bad.example", "org:bad.example"], "reject", now)] * 7
                  + [(["dkim:good.example"], "ham", now)] * 4 + [([f"ip:{IP}", "net:81.2.69.0/24"], "junk", now)])
     assert cli.main(["reputation", "show", "bad.example", "--config", str(conf)]) == 0

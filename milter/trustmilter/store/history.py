@@ -85,7 +85,7 @@ class HistoryStore:
     @classmethod
     def from_config(cls, config: "Config", *, readonly: bool = False,
                     clock: Callable[[], float] = time.time) -> "HistoryStore":
-        return cls(db_path(config, "history", "history.db"),
+        return cls(db_path(config, "history", "history.sqlite"),
                    retention_days=float(config.section("history")["retention_days"]),
                    busy_timeout_ms=int(config.get("state.busy_timeout_ms", 2000)),
                    readonly=readonly, clock=clock)

@@ -109,7 +109,7 @@ class QuarantineIndex:
     @classmethod
     def from_config(cls, config: "Config", *, readonly: bool = False,
                     clock: Callable[[], float] = time.time) -> "QuarantineIndex":
-        return cls(db_path(config, "quarantine", "quarantine.db"),
+        return cls(db_path(config, "quarantine", "quarantine.sqlite"),
                    busy_timeout_ms=int(config.get("state.busy_timeout_ms", 2000)),
                    readonly=readonly,
                    retention_days=float(config.section("quarantine")["retention_days"]),

@@ -302,7 +302,7 @@ class ReputationStore:
         section = config.section("reputation")
         timeout = busy_timeout_ms if busy_timeout_ms is not None else int(
             config.get("state.busy_timeout_ms", 2000))
-        return cls(db_path(config, "reputation", "reputation.db"), Policy.from_config(section),
+        return cls(db_path(config, "reputation", "reputation.sqlite"), Policy.from_config(section),
                    busy_timeout_ms=timeout, readonly=readonly, clock=clock)
 
     @property
