@@ -7,11 +7,10 @@ import json
 import os
 import pwd
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 

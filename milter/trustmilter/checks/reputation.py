@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.outcomes import DKIMOutcome, DMARCOutcome, SPFOutcome
