@@ -65,10 +65,14 @@ def register_cli(sub: Any) -> None:
                           help="use the live Bayes database (bayes.path) instead of the model's export")
     evaluate.add_argument("--json", action="store_true", help="one JSON object for scripts")
     evaluate.add_argument("--plot", metavar="FILE.png", help="write the ROC curves")
-    evaluate.add_argument("--record", action="store_true", help="write the metrics into the model's card")
+    evaluate.add_argument("--record", nargs="?", const="test_split", metavar="NAME",
+                          help="write the metrics into the model's card: as its test-split metrics, or "
+                               "(with NAME) under evaluations.NAME")
     evaluate.add_argument("--per-message", metavar="FILE.csv", help="write every message's scores")
     evaluate.add_argument("--resolver", metavar="HOST[:PORT]",
                           help="run the authentication checks against this DNS resolver (default: no network)")
+    evaluate.add_argument("--disable", action="append", default=[], metavar="CHECK",
+                          help="leave a check out of the combined verdict (repeatable)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     models = sub.add_parser("models", parents=[common], help="list, show or promote trained models")

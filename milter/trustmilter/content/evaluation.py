@@ -112,6 +112,10 @@ def evaluate_corpus(args: argparse.Namespace) -> dict[str, Any]:
                                  "bayes": {"path": str(bayes_path), "seed_from_model": False}}
     if args.resolver:
         overrides["dns"] = {"server": args.resolver}
+    for name in getattr(args, "disable", None) or ():
+        if name in ("bayes", "model"):
+            raise TrustmilterError("evaluate needs the bayes and model checks")
+        overrides[name] = {"enabled": False}
     config = load_config(args.config, overrides)
     engine = Engine.from_config(config)
     offline = not args.resolver
@@ -138,6 +142,8 @@ def evaluate_corpus(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"file": name, "label": "spam" if is_spam else "ham",
                      "bayes": bayes.probability if bayes.probability is not None else 0.5,
                      "model": p_model, "score": verdict.score,
+                     "content": round(sum(s.score for s in verdict.symbols
+                                          if s.name.startswith(("BAYES_", "ML_"))), 3),
                      "junked": verdict.action is not Action.INBOX, "action": verdict.action.value,
                      "symbols": " ".join(s.name for s in verdict.symbols if s.score)})
         bar.update(1)
@@ -158,6 +164,9 @@ def evaluate_corpus(args: argparse.Namespace) -> dict[str, Any]:
     }
     summary["bayes_scorer"] = metrics(*split("bayes"), float(config.section("bayes")["spam_probability"]))
     summary["model_scorer"] = metrics(*split("model"), float(config.section("model")["spam_probability"]))
+    # Bayes and the model together, as the verdict scores them (their symbols' sum), without the
+    # other checks: what content scoring contributes on its own.
+    summary["content"] = metrics(*split("content"), float(config.section("actions")["junk"]))
     combined = metrics(*split("score"), float(config.section("actions")["junk"]))
     # The verdict's action (forced actions included) decides what was junked.
     ham_junked = sum(1 for r in rows if r["label"] == "ham" and r["junked"])
@@ -178,10 +187,16 @@ def evaluate_corpus(args: argparse.Namespace) -> dict[str, Any]:
     if args.record:
         from trustmilter.content.model import read_card, write_card
         card = read_card(model_path)
-        card["metrics"] = {"evaluated": summary["evaluated"], "setting": summary["combined_setting"],
-                           "ham_paths": [str(p) for p in args.ham], "spam_paths": [str(p) for p in args.spam],
-                           "messages": summary["messages"], "bayes": summary["bayes_scorer"],
-                           "model": summary["model_scorer"], "combined": summary["combined"]}
+        recorded = {"evaluated": summary["evaluated"], "setting": summary["combined_setting"],
+                    "ham_paths": [str(p) for p in args.ham], "spam_paths": [str(p) for p in args.spam],
+                    "disabled_checks": list(getattr(args, "disable", None) or ()),
+                    "messages": summary["messages"], "bayes": summary["bayes_scorer"],
+                    "model": summary["model_scorer"], "content": summary["content"],
+                    "combined": summary["combined"]}
+        if args.record == "test_split":
+            card["metrics"] = recorded
+        else:
+            card.setdefault("evaluations", {})[args.record] = recorded
         write_card(model_path, card)
     tmp.cleanup()
     return {"summary": summary, "rows": rows}
@@ -193,13 +208,16 @@ def format_report(summary: dict[str, Any]) -> str:
              f"({summary['seconds']} s)", f"combined verdict: {summary['combined_setting']}", ""]
     header = f"{'':<10}{'AUC':>8}{'FPR':>8}{'FNR':>8}{'recall@FPR<=0.1%':>18}{'recall@FPR<=1%':>16}  threshold"
     lines.append(header)
-    for key, label in (("bayes_scorer", "bayes"), ("model_scorer", "model"), ("combined", "combined")):
+    for key, label in (("bayes_scorer", "bayes"), ("model_scorer", "model"), ("content", "content"),
+                       ("combined", "combined")):
         m = summary[key]
         lines.append(f"{label:<10}{m.get('auc', float('nan')):>8.4f}{100 * m['fpr']:>7.2f}%{100 * m['fnr']:>7.2f}%"
                      f"{100 * m['recall_at_fpr_0.1pct']:>17.1f}%{100 * m['recall_at_fpr_1pct']:>15.1f}%  {m['threshold']:g}")
     lines.append("")
+    lines.append("content = the Bayes and model symbols' scores summed; combined = the whole verdict")
     lines.append("confusion (ham as ham / ham as spam / spam as ham / spam as spam):")
-    for key, label in (("bayes_scorer", "bayes"), ("model_scorer", "model"), ("combined", "combined")):
+    for key, label in (("bayes_scorer", "bayes"), ("model_scorer", "model"), ("content", "content"),
+                       ("combined", "combined")):
         c = summary[key]["confusion"]
         lines.append(f"  {label:<9} {c['ham_as_ham']} / {c['ham_as_spam']} / {c['spam_as_ham']} / {c['spam_as_spam']}")
     if summary.get("worst_ham"):

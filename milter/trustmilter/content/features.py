@@ -321,6 +321,7 @@ def make_link(raw_url: str, text: str = "", in_html: bool = False,
 _HOMOGLYPHS = str.maketrans({"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b"})
 
 
+@lru_cache(maxsize=16384)
 def lookalike_brand(domain: str) -> str:
     """The brand a registered domain imitates ("" if none): it contains a brand's name, or is
     one edit away from it, without being one of that brand's own domains."""
@@ -342,6 +343,7 @@ def lookalike_brand(domain: str) -> str:
     return ""
 
 
+@lru_cache(maxsize=16384)
 def brand_in_subdomain(host: str, domain: str) -> str:
     """A brand's own domain written into the subdomain of another (paypal.com.secure-x.top)."""
     if not host or not domain or host == domain:
@@ -410,13 +412,30 @@ def clean_text(value: str) -> str:
     return decode_bytes(data, "utf-8")
 
 
-def _header(message: ParsedMessage, name: str) -> str | None:
+class _HeaderIndex:
+    """Header values by lower-cased name, built in one pass (ParsedMessage.get scans all)."""
+
+    def __init__(self, message: ParsedMessage) -> None:
+        self.values: dict[str, list[str]] = {}
+        for h in message.headers:
+            self.values.setdefault(h.name.lower(), []).append(h.value)
+
+    def get(self, name: str) -> str | None:
+        found = self.values.get(name.lower())
+        return found[0] if found else None
+
+    def get_all(self, name: str) -> list[str]:
+        return self.values.get(name.lower(), [])
+
+
+def _header(message: "_HeaderIndex", name: str) -> str | None:
     value = message.get(name)
     return None if value is None else clean_text(value)
 
 
-def _headers(message: ParsedMessage, out: MessageFeatures) -> None:
-    out.header_names = frozenset(h.lname for h in message.headers)
+def _headers(parsed: ParsedMessage, out: MessageFeatures) -> None:
+    message = _HeaderIndex(parsed)
+    out.header_names = frozenset(message.values)
     for name in _KEPT_HEADERS:
         value = _header(message, name)
         if value is not None:
