@@ -18,7 +18,7 @@ from trustmilter.errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/trustmilter/trustmilter.yaml"
 # Sections whose keys are free-form (symbol names, list names): their values are type-checked
 # against the section's first default value, but new keys are allowed.
-OPEN_SECTIONS = frozenset({"scores"})
+OPEN_SECTIONS = frozenset({"scores", "lists"})
 
 
 class _MarkedLoader(yaml.SafeLoader):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from trustmilter import authresults, checks
 from trustmilter.checks.base import CheckContext, CheckResult, ForcedAction
+from trustmilter.checks.reputation import identities_from_results
 from trustmilter.config import Config, load_config
 from trustmilter.dns import Resolver, session_for
 from trustmilter.message import ParsedMessage
@@ -120,6 +121,7 @@ def evaluate(envelope: Envelope, raw: bytes, engine: Engine | None = None) -> Ve
         authentication_results=ar_value, reason=decision.reason,
         smtp_code=decision.smtp_code, smtp_xcode=decision.smtp_xcode,
         timings_ms=timings, elapsed_ms=elapsed, assumptions=envelope.assumptions,
+        identities=identities_from_results(results, envelope), intended=decision.intended,
     )
     verdict.add_headers = _spam_headers(verdict, decision.intended, config)
     if verdict.action is Action.JUNK and config.section("actions")["subject_tag"]:

@@ -87,6 +87,7 @@ class Verdict:
     elapsed_ms: float = 0.0
     assumptions: tuple[str, ...] = ()
     identities: dict[str, Any] = field(default_factory=dict)
+    intended: Action | None = None       # the action before shadow mode; None = same as action
 
     def symbol_names(self) -> list[str]:
         return [s.name for s in self.symbols]
