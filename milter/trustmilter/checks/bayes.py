@@ -7,7 +7,7 @@ import logging
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.content import analyze
-from trustmilter.content.bayes import BayesClassifier, BayesSettings
+from trustmilter.content.bayes import TOKENIZER_VERSION, BayesClassifier, BayesSettings
 from trustmilter.content.features import Limits
 
 NAME = "bayes"
@@ -37,6 +37,11 @@ def setup(engine) -> None:  # type: ignore[no-untyped-def]
         return BayesClassifier(store, BayesSettings.from_config(section))
 
     classifier = engine.cached("content.bayes", build)
+    tokenizer = classifier.store.meta("tokenizer")
+    if tokenizer and tokenizer != TOKENIZER_VERSION:
+        log.warning("Bayes database %s was built by tokenizer %s, this is %s: retrain it "
+                    "(trustmilter train --bayes-db, or models promote --bayes-db)",
+                    classifier.store.path, tokenizer, TOKENIZER_VERSION)
     nspam, nham = classifier.store.totals()
     if nspam < classifier.settings.min_spam or nham < classifier.settings.min_ham:
         log.warning("Bayes has learned %d spam and %d ham; it votes from %d and %d", nspam, nham,

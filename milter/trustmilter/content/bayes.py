@@ -21,7 +21,7 @@ from trustmilter.content.tokenize import tokenize
 from trustmilter.message import ParsedMessage
 from trustmilter.store import TokenStore
 
-TOKENIZER_VERSION = "1"
+TOKENIZER_VERSION = "2"
 
 
 @dataclass(frozen=True)

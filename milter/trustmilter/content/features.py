@@ -90,26 +90,27 @@ _HEX_HOST = re.compile(r"^(?:0x[0-9a-f]+|\d{8,10})$", re.I)
 _RECEIVED_FROM_UNKNOWN = re.compile(r"from\s+\S+\s+\(\s*(?:unknown|\[)", re.I)
 
 _psl_lock = threading.Lock()
-_psl: Any = None
+_psl: dict[bool, Any] = {}
 
 
-def _public_suffix_list() -> Any:
-    global _psl
+def _public_suffix_list(strict: bool) -> Any:
     with _psl_lock:
-        if _psl is None:
+        if strict not in _psl:
             from publicsuffixlist import PublicSuffixList
-            _psl = PublicSuffixList(accept_unknown=False)
-        return _psl
+            _psl[strict] = PublicSuffixList(accept_unknown=not strict)
+        return _psl[strict]
 
 
 @lru_cache(maxsize=65536)
-def registered_domain(host: str) -> str:
-    """The registrable domain of ``host`` ("" for IPs, bare suffixes and unknown TLDs)."""
+def registered_domain(host: str, strict: bool = False) -> str:
+    """The registrable domain of ``host`` ("" for IPs and bare suffixes). An unknown TLD counts
+    as a suffix (the PSL's implicit "*" rule) unless ``strict``: text like "file.txt" in a link's
+    text must name a real TLD before it counts as a domain."""
     host = host.strip(".").lower()
     if not host or _IPV4.match(host) or ":" in host:
         return ""
     try:
-        return _public_suffix_list().privatesuffix(host) or ""
+        return _public_suffix_list(strict).privatesuffix(host) or ""
     except Exception:  # noqa: BLE001 - a hostile host name must not break scoring
         return ""
 
@@ -314,7 +315,7 @@ def make_link(raw_url: str, text: str = "", in_html: bool = False,
     if text:
         named = _DOMAIN_IN_TEXT.search(text)
         if named:
-            link.text_domain = registered_domain(named.group(1))
+            link.text_domain = registered_domain(named.group(1), strict=True)
     return link
 
 
@@ -481,6 +482,10 @@ def _body(message: ParsedMessage, out: MessageFeatures, limits: Limits) -> None:
         if part.is_multipart():
             continue
         ctype = part.get_content_type()
+        if ctype.startswith("multipart/"):
+            # multipart without a usable boundary: mail readers show the body as text.
+            out.defects.append("multipart part without boundary")
+            ctype = "text/plain"
         out.part_types.append(ctype)
         charset = part.get_content_charset() or ""
         if charset and charset not in out.charsets:

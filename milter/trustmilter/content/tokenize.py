@@ -57,15 +57,16 @@ def words(text: str, limit: int = MAX_BODY_WORDS) -> list[str]:
     out: list[str] = []
     for raw in text.lower().split()[:limit]:
         word = raw.strip(_STRIP)
+        if not word.isascii():
+            cjk = _CJK.findall(word)
+            if cjk:   # scripts without spaces: character pairs stand in for words
+                for run in cjk:
+                    out.extend(run[i:i + 2] for i in range(max(1, len(run) - 1)))
+                continue
         n = len(word)
         if n < MIN_WORD:
             continue
         if n > MAX_WORD:
-            cjk = _CJK.findall(word)
-            if cjk:
-                for run in cjk:
-                    out.extend(run[i:i + 2] for i in range(max(1, len(run) - 1)))
-                continue
             out.append(f"skip:{word[0]} {n // 10 * 10}")
             continue
         if _NUMBERISH.match(word):
