@@ -245,3 +245,25 @@ def test_rules_disabled_in_config_stay_disabled(make_engine: Callable[..., Engin
     engine = make_engine({"rules": {"enabled": False}})
     assert engine.disabled["rules"] == "disabled in config"
     assert rules_check.keep_last_good(engine, engine) is None
+
+
+# --- fixture files -----------------------------------------------------------------------------
+def test_fixture_files_are_validated(tmp_path: Path) -> None:
+    from trustmilter.rules.fixtures import load_fixtures
+    path = tmp_path / "f.yaml"
+    path.write_text("f1:\n  message: 'From: a@example.org\n\n    x'\n  config: {rules: {colour: red}}\n"
+                    "  expect: {symbols: [X]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_fixtures(path)
+    assert (info.value.file, info.value.line, info.value.key) == (str(path), 5, "f1.config")
+    assert "rules.colour" in info.value.detail
+    path.write_text("f1:\n  message: 'x'\n  dns: [[example.org, A, not-an-address]]\n"
+                    "  expect: {symbols: [X]}\n")
+    with pytest.raises(ConfigError, match="bad record"):
+        load_fixtures(path)
+    path.write_text("f1:\n  message: |\n    From: Ann <ann@example.org>\n    To: b@example.net, "
+                    "c@example.net\n\n    x\n  expect: {absent: [X]}\n")
+    (fixture,) = load_fixtures(path)
+    assert fixture.envelope.mail_from == "ann@example.org"
+    assert fixture.envelope.rcpt_to == ("b@example.net", "c@example.net")
+    assert fixture.envelope.client_ip is None

@@ -122,7 +122,9 @@ class Evaluation:
         self._symbols: frozenset[str] | None = None
         self._now = now
         self.memo: dict[str, bool] = {}      # rule name -> fired (for rules naming rules)
+        self.rule_notes: dict[str, list[str]] = {}   # rule name -> why it fired
         self.notes: list[str] = []           # why the rule being evaluated matched
+        self.facts: dict[str, float | bool] | None = None   # MessageFacts, computed once
 
     # views ------------------------------------------------------------------------------------
     @property
@@ -837,9 +839,9 @@ class MessageFacts(Condition):
         self.ranges = dict(ranges)
 
     def test(self, ev: Evaluation) -> bool:
-        facts = ev.__dict__.get("_message_facts")
+        facts = ev.facts
         if facts is None:
-            facts = ev.__dict__["_message_facts"] = _message_facts(ev.features, len(ev.message.raw))
+            facts = ev.facts = _message_facts(ev.features, len(ev.message.raw))
         for name, want in self.bools.items():
             if facts[name] != want:
                 return False
@@ -914,7 +916,7 @@ class RuleSet:
         try:
             fired = rule.condition.test(ev)
             ev.memo[name] = fired
-            ev.__dict__.setdefault("_rule_notes", {})[name] = ev.notes
+            ev.rule_notes[name] = ev.notes
         finally:
             ev.notes = saved
         return fired
@@ -923,7 +925,7 @@ class RuleSet:
         hits = []
         for rule in self.rules:
             if self.fires(rule.name, ev):
-                hits.append(Hit(rule, list(ev.__dict__["_rule_notes"][rule.name])))
+                hits.append(Hit(rule, list(ev.rule_notes[rule.name])))
         return hits
 
 

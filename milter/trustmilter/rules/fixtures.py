@@ -264,12 +264,20 @@ class FixtureDNS:
     def __init__(self) -> None:
         self._zone: dict[str, dict[int, list[dns.rdata.Rdata]]] = {}
         self._lock = threading.Lock()
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind(("127.0.0.1", 0))
-        self.port = self._udp.getsockname()[1]
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind(("127.0.0.1", self.port))
+        for attempt in range(20):   # one port for UDP and TCP: retry if TCP's is taken
+            self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._udp.bind(("127.0.0.1", 0))
+            self.port = self._udp.getsockname()[1]
+            self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self._tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self._udp.close()
+                self._tcp.close()
+                if attempt == 19:
+                    raise
         self._tcp.listen(16)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True, name="fixture-dns"),
