@@ -197,3 +197,20 @@ def test_check_is_silent_until_trained_and_an_unreadable_store_is_a_symbol(make_
     store.close()
     store._totals_cache = None       # the totals are re-read at most once a second
     assert "BAYES_ERROR" in evaluate(Envelope(), raw, engine).symbol_names()
+
+
+def test_a_new_or_empty_database_is_seeded_from_the_promoted_model(tmp_path: Path) -> None:
+    from trustmilter.content.registry import SHIPPED_MODELS, open_bayes_store
+    model = {"dir": str(SHIPPED_MODELS)}
+    fresh = open_bayes_store({"path": str(tmp_path / "new.sqlite")}, model)
+    nspam, nham = fresh.totals()
+    assert nspam > 1000 and nham > 3000 and fresh.meta("tokenizer")
+    empty = SQLiteTokenStore(tmp_path / "empty.sqlite")          # created before any model existed
+    empty.close()
+    assert open_bayes_store({"path": str(tmp_path / "empty.sqlite")}, model).totals() == (nspam, nham)
+    learned = SQLiteTokenStore(tmp_path / "learned.sqlite")
+    learned.learn(_items("ham")[:3])
+    learned.close()
+    assert open_bayes_store({"path": str(tmp_path / "learned.sqlite")}, model).totals() == (0, 3)
+    unseeded = open_bayes_store({"path": str(tmp_path / "none.sqlite"), "seed_from_model": False}, model)
+    assert unseeded.totals() == (0, 0)

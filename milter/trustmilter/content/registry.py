@@ -110,17 +110,22 @@ def open_bayes_store(bayes_section: dict[str, Any], model_section: dict[str, Any
     learning would not persist."""
     busy = int(bayes_section.get("busy_timeout_ms", 200))
     path = Path(str(bayes_section.get("path") or DEFAULT_BAYES_PATH))
+    seed = bool(bayes_section.get("seed_from_model", True))
     if path.exists():
-        return SQLiteTokenStore(path, busy_timeout_ms=busy, readonly=readonly)
-    if not bayes_section.get("seed_from_model", True):
+        store = SQLiteTokenStore(path, busy_timeout_ms=busy, readonly=readonly)
+        if seed and not readonly and store.totals() == (0, 0) and store.token_count() == 0:
+            # Created before any model was there to seed it (or by a test run): nothing was
+            # learned into it, so seeding loses nothing.
+            export = _seed_export(model_section)
+            if export is not None:
+                store.import_export(export)
+                log.info("seeded the empty %s from %s", path, export)
+        return store
+    if not seed:
         if readonly:
             raise ModelError(f"{path}: no Bayes database (run trustmilter train or learn)")
         return SQLiteTokenStore(path, busy_timeout_ms=busy)
-    export = None
-    try:
-        export = bayes_export_of(resolve_model_path(model_section or {}))
-    except ModelError as exc:
-        log.warning("no Bayes export to seed %s from: %s", path, exc)
+    export = _seed_export(model_section)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         store = SQLiteTokenStore(path, busy_timeout_ms=busy)
@@ -132,3 +137,11 @@ def open_bayes_store(bayes_section: dict[str, Any], model_section: dict[str, Any
         count = store.import_export(export)
         log.info("seeded %s with %d tokens from %s", store.path, count, export)
     return store
+
+
+def _seed_export(model_section: dict[str, Any] | None) -> Path | None:
+    try:
+        return bayes_export_of(resolve_model_path(model_section or {}))
+    except ModelError as exc:
+        log.warning("no Bayes export to seed from: %s", exc)
+        return None
