@@ -16,10 +16,9 @@ DEPENDS: tuple[str, ...] = ()
 
 
 def setup(engine) -> None:  # type: ignore[no-untyped-def]
-    from trustmilter.content.model import load_model
-    from trustmilter.content.registry import resolve_model_path
+    from trustmilter.content.registry import resolve_model_path, shared_model
     section = engine.config.section("model")
-    engine.cached("content.model", lambda: load_model(resolve_model_path(section)))
+    engine.cached("content.model", lambda: shared_model(resolve_model_path(section)))
     engine.cached("content.limits", lambda: Limits.from_config(engine.config.data.get("content")))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,26 @@ def _seed_export(model_section: dict[str, Any] | None) -> Path | None:
     except ModelError as exc:
         log.warning("no Bayes export to seed from: %s", exc)
         return None
+
+
+_models: dict[tuple[str, int, int], Any] = {}
+_models_lock = threading.Lock()
+
+
+def shared_model(path: Path) -> Any:
+    """``load_model(path)``, once per process for the same files: engines (one per worker, one
+    per reload, many in tests) share the read-only model instead of each loading its own. A
+    changed file (other size or time) is loaded, and checked, afresh."""
+    from trustmilter.content.model import MODEL_FILE, load_model
+    try:
+        stat = (Path(path) / MODEL_FILE).stat()
+    except OSError:
+        return load_model(path)      # raises the proper ModelError
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = load_model(path)
+            _models.clear()          # keep one: an old model is garbage once replaced
+            _models[key] = model
+        return model
