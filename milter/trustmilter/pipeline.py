@@ -82,10 +82,12 @@ def default_engine() -> Engine:
 def _pool() -> cf.ThreadPoolExecutor:
     # Checks mostly wait on DNS: threads overlap the waits. Created lazily so that a milter
     # process can block signals before any thread exists (see PITFALLS: libmilter signals).
+    # Threads start only when none is idle, so the ceiling is cheap; it is high so that checks
+    # abandoned at a deadline (still waiting on a dead DNS server) cannot starve new messages.
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="check")
+            _executor = cf.ThreadPoolExecutor(max_workers=64, thread_name_prefix="check")
         return _executor
 
 
