@@ -7,8 +7,12 @@ reports them, envelope, macros, header bytes exactly as received, body) and appl
 
 Signals (measured, see ../shared/PITFALLS.md): libmilter handles HUP, TERM and INT itself in its
 own thread, and all three stop it cleanly after the connections in progress end. Reload is SIGUSR1
-(systemd's ExecReload sends it): blocked in every thread and taken by a ``sigwait`` thread, it
-re-reads the config and replaces the worker pool without closing any MTA connection.
+(systemd's ExecReload sends it): it re-reads the config and replaces the worker pool without closing
+any MTA connection. Threads that exist before we can block signals (native libraries such as
+OpenBLAS start them when numpy is imported by a check) would take a blocked-elsewhere signal with
+its default action, which for TERM and USR1 is death; so every one of these signals also gets a
+Python handler whose only effect is a byte on a wakeup pipe, and our control thread turns that
+byte into a stop (smfi_stop) or a reload, whichever thread the kernel picked.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ OWN_SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
 HEADER_INDEX = 1
 FOLD_WIDTH = 78
 MAX_LINE = 990          # RFC 5322 2.1.1: 998 octets per line, hard limit
-SIGNALS_LIBMILTER = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 RELOAD_SIGNAL = signal.SIGUSR1
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -440,8 +444,14 @@ def socket_path(spec: str) -> str | None:
 
 
 def parse_owner(owner: str) -> tuple[int, int]:
-    """"user", "user:group" or ":group" -> (uid, gid), -1 for what is not given."""
+    """"user", "user:group" or ":group" -> (uid, gid), -1 for what is not given. Empty: when we
+    run as root, group postfix (if it exists) so Postfix's smtpd may connect; else unchanged."""
     if not owner:
+        if os.geteuid() == 0:
+            try:
+                return -1, grp.getgrnam("postfix").gr_gid
+            except KeyError:
+                pass
         return -1, -1
     user, _, group = owner.partition(":")
     try:
@@ -552,15 +562,36 @@ class MilterServer:
         old.shutdown(wait=True)   # messages already handed to the old workers finish there
         return True
 
-    def _reload_loop(self) -> None:
+    def _control_loop(self, read_fd: int) -> None:
+        """Signals arrive here as bytes on the wakeup pipe, from whichever thread took them."""
         while True:
-            sig = signal.sigwait({RELOAD_SIGNAL})
-            if sig == RELOAD_SIGNAL:
-                log.info("SIGUSR1: reloading")
-                try:
-                    self.reload()
-                except Exception:  # noqa: BLE001 - never let the reload thread die
-                    log.exception("reload failed")
+            try:
+                data = os.read(read_fd, 64)
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            for signum in data:
+                if signum == RELOAD_SIGNAL:
+                    log.info("SIGUSR1: reloading")
+                    try:
+                        self.reload()
+                    except Exception:  # noqa: BLE001 - never let the control thread die
+                        log.exception("reload failed")
+                elif signum in STOP_SIGNALS:
+                    log.info("%s: stopping once the connections in progress end",
+                             signal.Signals(signum).name)
+                    libmilter.stop()
+
+    def _install_signals(self) -> int:
+        """Handlers that only wake the control thread (see the module docstring); returns the
+        pipe's read end."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS | {RELOAD_SIGNAL}:
+            signal.signal(signum, lambda *_: None)
+        return read_fd
 
     # ----- main loop ------------------------------------------------------------------------
     def _open_socket(self) -> None:
@@ -582,17 +613,20 @@ class MilterServer:
     def run(self) -> int:
         # 1. Processes that must not inherit a blocked mask, before blocking.
         self._mp_context = prepare_context()
-        # 2. Block libmilter's signals and ours in this thread, before any thread or pool exists:
-        #    every later thread inherits the mask, so only libmilter's signal thread (sigwait on
-        #    HUP/TERM/INT) and our reload thread (sigwait on USR1) ever take them.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_LIBMILTER | {RELOAD_SIGNAL})
+        # 2. Handlers first (a thread that already exists may take a signal at any moment), then
+        #    block the signals in this thread before any thread or pool of ours exists: every
+        #    later thread inherits the mask, so libmilter's signal thread (sigwait on HUP/TERM/
+        #    INT) or, through the wakeup pipe, our control thread handles them.
+        read_fd = self._install_signals()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {RELOAD_SIGNAL})
         try:
             self.start_pool()
         except Exception as exc:  # noqa: BLE001
             raise TrustmilterError(f"worker processes could not start: {type(exc).__name__}: "
                                    f"{exc} (see the log above)") from None
         assert self.holder is not None
-        threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
+        threading.Thread(target=self._control_loop, args=(read_fd,), name="control",
+                         daemon=True).start()
         TrustMilter.server = self
         Milter.factory = TrustMilter
         self._register()

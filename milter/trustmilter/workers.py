@@ -181,10 +181,19 @@ class WorkerPool:
             initargs=(config_path, overrides, generation, log_setup, os.getpid()))
 
     def warm_up(self, timeout: float = 120.0) -> list[int]:
-        """Start every worker and wait until they have built their engines. Raises
-        ``cf.process.BrokenProcessPool`` when a worker could not (a config or model error)."""
-        futures = [self._executor.submit(_ping, 0.2) for _ in range(self.size)]
-        pids = {f.result(timeout=timeout)[0] for f in futures}
+        """Start every worker and wait until each has built its engine (models and rules can
+        take seconds). Raises ``cf.process.BrokenProcessPool`` when a worker could not (a config
+        or model error), TimeoutError when they take longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        pids: set[int] = set()
+        while len(pids) < self.size:
+            # Each ping keeps its worker busy briefly, so a batch spreads over the free workers;
+            # a worker still loading picks up pings of a later batch.
+            futures = [self._executor.submit(_ping, 0.2) for _ in range(self.size)]
+            for future in futures:
+                pids.add(future.result(timeout=max(0.1, deadline - time.monotonic()))[0])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(pids)} of {self.size} workers ready")
         return sorted(pids)
 
     def submit(self, envelope: Envelope, raw: bytes) -> "cf.Future[Verdict]":

@@ -33,9 +33,9 @@ POSTCAT = shutil.which("postcat") or "/usr/sbin/postcat"
 
 MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
-{listen} inet  n       -       n       -       {smtpd_maxproc}       smtpd
+{listen} inet  n       -       {chroot}       -       {smtpd_maxproc}       smtpd
 pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
+cleanup   unix  n       -       {chroot}       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
@@ -103,6 +103,7 @@ class PostfixInstance:
     sink: str = "maildir"                    # "maildir" | "discard" | "relay:[HOST]:PORT"
     extra_main: dict[str, str] = field(default_factory=dict)
     smtpd_maxproc: int = 100
+    chroot: bool = False                     # smtpd and cleanup chrooted (Debian's default)
     started: bool = False
 
     @classmethod
@@ -214,7 +215,8 @@ class PostfixInstance:
         lines = [f"{k} = {v}" for k, v in self.main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
         (self.config_dir / "master.cf").write_text(MASTER_CF.format(
-            listen=f"127.0.0.1:{self.port}", smtpd_maxproc=self.smtpd_maxproc))
+            listen=f"127.0.0.1:{self.port}", smtpd_maxproc=self.smtpd_maxproc,
+            chroot="y" if self.chroot else "n"))
 
     def set_main(self, **settings: str) -> None:
         """Change main.cf settings (and reload when running)."""

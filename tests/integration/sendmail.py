@@ -229,6 +229,18 @@ class SendmailInstance:
         return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test.example",
                             timeout=timeout)
 
+    def release(self, queue_id: str) -> str:
+        """What an admin does: unquarantine one message (-Q without a reason turns its hf file
+        back into a qf file), then run it (-qI)."""
+        out = ""
+        for args in (f"-qQ -qI{queue_id} -Q", f"-qI{queue_id}"):
+            res = subprocess.run(["unshare", "-u", "sh", "-c",
+                                  f"hostname {self.hostname} && exec {self.binary} -C {self.cf} "
+                                  f"{args}"],
+                                 capture_output=True, text=True, timeout=60, env=self._env())
+            out += res.stdout + res.stderr
+        return out
+
     def queue_files(self) -> dict[str, str]:
         """Control files (envelope + headers) of the queued messages, by file name: qf* for
         messages waiting for delivery, hf* for quarantined ones."""

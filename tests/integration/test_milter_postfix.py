@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import email.utils
 import os
 import re
 import signal
@@ -83,7 +84,7 @@ def milter_config(dns: TestDNSServer, log_file: Path, **milter: Any) -> dict[str
         "trusted_relays": ["198.51.100.7/32"],
         "dmarc": {"quarantine_action": "quarantine", "temperror_action": "tempfail"},
         # A junk trigger that needs no content scoring: a HELO without a dot.
-        "helo": {"scores": {"HELO_NOT_FQDN": 7.0}},
+        "helo": {"scores": {"HELO_NOT_FQDN": 9.0}},   # junk is 6, quarantine 12
         "milter": settings,
     }
 
@@ -97,7 +98,7 @@ def make_message(from_addr: str, subject: str = "Quarterly figures", extra: byte
     """A message with a unique Message-ID; ``extra`` header lines go first."""
     msgid = f"<t{next(_counter)}.{os.getpid()}.{time.monotonic_ns()}@test>"
     raw = extra + (f"From: Sender <{from_addr}>\r\nTo: User <{RCPT}>\r\n"
-                   f"Subject: {subject}\r\nDate: Mon, 03 Jun 2024 10:00:00 +0000\r\n"
+                   f"Subject: {subject}\r\nDate: {email.utils.formatdate()}\r\n"
                    f"Message-ID: {msgid}\r\nMIME-Version: 1.0\r\n"
                    "Content-Type: text/plain; charset=utf-8\r\n\r\n").encode() + body
     return msgid, raw
@@ -532,6 +533,34 @@ def test_no_config_file_inet_socket(dns: TestDNSServer) -> None:
                 if f"queue_id={queue_id_of(delivered)}" in ln]
         assert len(line) == 1 and "action=inbox" in line[0] and "client_ip=192.0.2.10" in line[0]
         assert "from=<alice@good.test>" in line[0] and "rcpts=1" in line[0]
+    finally:
+        proc.stop()
+        pf.destroy()
+
+
+def test_chrooted_postfix_with_the_documented_socket(dns: TestDNSServer) -> None:
+    """Debian's layout (contrib/postfix/main.cf): smtpd and cleanup chrooted in the queue
+    directory, the socket inside it and named relative to it in main.cf; socket_owner left
+    empty, so started as root the socket gets group postfix and mode 0660."""
+    import grp
+    import stat
+    pf = PostfixInstance.create(chroot=True, milters="unix:trustmilter/trustmilter.sock")
+    sock = pf.queue_dir / "trustmilter" / "trustmilter.sock"
+    workdir = pf.base / "milter"
+    proc = MilterProcess(workdir, milter_config(dns, workdir / "trustmilter.log",
+                                                socket_owner=""), f"unix:{sock}")
+    try:
+        proc.start()
+        info = sock.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == grp.getgrnam("postfix").gr_gid
+        pf.start()
+        msgid, raw = make_message("alice@good.test")
+        send(pf, raw, "alice@good.test")
+        ours = our_authres(pf.find_delivered(msgid))
+        assert len(ours) == 1 and "spf=pass" in ours[0]
+        assert proc.stop() == 0, proc.log_text()[-3000:]
+        assert not sock.exists()   # removed on a clean stop
     finally:
         proc.stop()
         pf.destroy()
