@@ -16,6 +16,7 @@ SMALL = Path(__file__).resolve().parents[1] / "fixtures" / "corpus-small"
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     (tmp_path / "local.yaml").write_text(
+        f"state:\n  dir: {tmp_path / 'state'}\n"
         "bayes:\n"
         f"  path: {tmp_path / 'live.sqlite'}\n"
         "  min_spam: 10\n"
@@ -73,6 +74,9 @@ def test_train_evaluate_learn_and_models(workdir: Path, capsys: pytest.CaptureFi
     code, out = _run(capsys, "learn", "--spam", str(message), "--json", *config)
     first = json.loads(out)
     assert (first["learned"], first["already_learned"], first["nspam"], first["nham"]) == (1, 0, 46, 45)
+    # Reputation is corrected too where it can be: this saved message has no history entry and
+    # none of our Authentication-Results, so it names no identity to correct.
+    assert first["reputation"] == {"none": 1}
     code, out = _run(capsys, "learn", "--spam", str(message), "--json", *config)
     assert json.loads(out)["already_learned"] == 1 and json.loads(out)["nspam"] == 46
     code, out = _run(capsys, "learn", "--ham", str(message), "--json", *config)   # the user corrects it

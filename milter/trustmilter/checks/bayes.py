@@ -28,8 +28,8 @@ def band(probability: float) -> str:
 
 
 def setup(engine) -> None:  # type: ignore[no-untyped-def]
-    from trustmilter.content.registry import open_bayes_store
-    section = engine.config.section("bayes")
+    from trustmilter.content.registry import bayes_section_for, open_bayes_store
+    section = bayes_section_for(engine.config)
     model_section = engine.config.data.get("model") or {}
 
     def build() -> BayesClassifier:

@@ -52,6 +52,9 @@ def register_cli(sub: Any) -> None:
     group.add_argument("--forget", action="store_true", help="unlearn the messages")
     learn.add_argument("paths", nargs="+", metavar="PATH")
     learn.add_argument("--bayes-db", help="Bayes database (default: bayes.path)")
+    learn.add_argument("--no-reputation", action="store_true",
+                       help="teach Bayes only; by default the reputation of the identities each "
+                            "message was authenticated as is corrected too")
     learn.add_argument("--json", action="store_true")
     learn.set_defaults(func=cmd_learn)
 
@@ -268,7 +271,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from trustmilter.content import analyze
     from trustmilter.content.bayes import TOKENIZER_VERSION, message_digest
     from trustmilter.content.features import Limits
-    from trustmilter.content.registry import open_bayes_store
+    from trustmilter.content.registry import bayes_section_for, open_bayes_store
     from trustmilter.message import ParsedMessage
     from trustmilter.sources import iter_messages
 
@@ -278,20 +281,32 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model_section = dict(config.section("model"))
     if args.models_dir:
         model_section["dir"] = args.models_dir
-    store = open_bayes_store(config.section("bayes"), model_section)
+    store = open_bayes_store(bayes_section_for(config), model_section)
     if store.meta("tokenizer") not in (None, "", TOKENIZER_VERSION):
         raise TrustmilterError(f"{store.path}: built with tokenizer {store.meta('tokenizer')}, this is "
                                f"{TOKENIZER_VERSION}; retrain with trustmilter train")
     store.set_meta("tokenizer", TOKENIZER_VERSION)
     label = "spam" if args.spam else "ham"
+    feedback, reputation = _reputation_feedback(config, args)
     bar = _progress(args, _count(args.paths), "learning")
     items: list[tuple[str, list[str], str]] = []
-    for _name, raw in iter_messages(list(_paths_expanded(args.paths))):
-        message = ParsedMessage.parse(raw)
-        _features, tokens = analyze(message, limits)
-        items.append((message_digest(message), tokens, label))
-        bar.update(1)
-    bar.close()
+    try:
+        for _name, raw in iter_messages(list(_paths_expanded(args.paths))):
+            message = ParsedMessage.parse(raw)
+            _features, tokens = analyze(message, limits)
+            items.append((message_digest(message), tokens, label))
+            if feedback is not None:
+                try:
+                    correction = feedback.correct(raw, label)
+                    reputation[correction.source] = reputation.get(correction.source, 0) + 1
+                except Exception as exc:  # noqa: BLE001 - reputation must not stop Bayes learning
+                    reputation["errors"] = reputation.get("errors", 0) + 1
+                    reputation["last_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            bar.update(1)
+    finally:
+        bar.close()
+        if feedback is not None:
+            feedback.close()
     if args.forget:
         done = store.unlearn((d, t) for d, t, _l in items)
         result = {"unlearned": done, "not_learned": len(items) - done}
@@ -300,12 +315,29 @@ def cmd_learn(args: argparse.Namespace) -> int:
         result = {"learned": learned, "already_learned": skipped, "label": label}
     nspam, nham = store.totals()
     result.update({"nspam": nspam, "nham": nham, "database": store.path})
+    if reputation:
+        result["reputation"] = reputation
     store.close()
     if args.json:
         print(json.dumps(result))
     else:
         print(", ".join(f"{k}: {v}" for k, v in result.items()))
     return 0
+
+
+def _reputation_feedback(config: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The reputation correction for ``learn`` (store.feedback), or None when turned off, when
+    forgetting (there is no "unsay" for reputation), or when it cannot open (said in the result)."""
+    if args.no_reputation or args.forget:
+        return None, {}
+    section = config.data.get("reputation")
+    if isinstance(section, dict) and section.get("enabled") is False:
+        return None, {}
+    try:
+        from trustmilter.store.feedback import ReputationFeedback
+        return ReputationFeedback(config), {}
+    except Exception as exc:  # noqa: BLE001 - Bayes learning goes on without it
+        return None, {"unavailable": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 # ---- evaluate ---------------------------------------------------------------------------------

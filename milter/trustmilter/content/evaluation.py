@@ -99,7 +99,8 @@ def evaluate_corpus(args: argparse.Namespace) -> dict[str, Any]:
         bayes_path = Path(args.bayes_db)
         bayes_source = str(bayes_path)
     elif args.live_bayes:
-        bayes_path = Path(str(base.section("bayes").get("path") or "/var/lib/trustmilter/bayes.sqlite"))
+        from trustmilter.content.registry import bayes_section_for
+        bayes_path = Path(bayes_section_for(base)["path"])
         bayes_source = str(bayes_path)
     else:
         export = bayes_export_of(model_path)

@@ -102,6 +102,16 @@ def bayes_export_of(model_path: Path) -> Path | None:
     return verify_file(model_path, card, BAYES_EXPORT_FILE)
 
 
+def bayes_section_for(config: Any) -> dict[str, Any]:
+    """The ``bayes`` section with ``path`` resolved: empty = ``bayes.sqlite`` in ``state.dir``
+    (beside reputation and history)."""
+    section = dict(config.section("bayes"))
+    if not section.get("path"):
+        state_dir = config.get("state.dir") or str(DEFAULT_BAYES_PATH.parent)
+        section["path"] = str(Path(str(state_dir)) / "bayes.sqlite")
+    return section
+
+
 def open_bayes_store(bayes_section: dict[str, Any], model_section: dict[str, Any] | None = None,
                      *, readonly: bool = False) -> SQLiteTokenStore:
     """The Bayes token store. A database that does not exist yet is created and seeded from the
