@@ -46,8 +46,14 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where test engines keep SQLite state: never the machine's /var/lib/trustmilter."""
+    return tmp_path_factory.mktemp("state")
+
+
 @pytest.fixture
-def make_engine(dns_server: TestDNSServer) -> Callable[..., Engine]:
+def make_engine(dns_server: TestDNSServer, state_dir: Path) -> Callable[..., Engine]:
     """make_engine(overrides) -> an Engine whose resolver is the test DNS server (no cache, so
     tests that change zone data see it). The timeout is short so cued timeouts stay quick, but
     not so short that a busy 2-core CI machine (the server shares this process's GIL) turns a
@@ -58,6 +64,7 @@ def make_engine(dns_server: TestDNSServer) -> Callable[..., Engine]:
             "authserv_id": "mx.test.example",
             "dns": {"server": dns_server.address, "timeout": 1.5, "deadline": 6.0,
                     "cache_size": 0},
+            "state": {"dir": str(state_dir)},
         }
         merged = _deep_update(copy.deepcopy(base), overrides or {})
         return Engine.from_config(load_config(None, merged))

@@ -38,7 +38,8 @@ class Engine:
     trusted_networks: list[Any] = field(default_factory=list)
     trusted_relays: list[Any] = field(default_factory=list)
     disabled: dict[str, str] = field(default_factory=dict)   # check name -> why
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Re-entrant: a factory may itself ask for another cached piece (reputation -> PSL).
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def from_config(cls, config: Config | None = None) -> "Engine":
