@@ -3,9 +3,9 @@
 #   X-Spam-Flag: YES                 only when the verdict is junk
 #   X-Spam-Score: 7.30
 #   X-Spam-Status: Yes, score=7.30 required=6.0 tests=BAYES_99=3,DMARC_POLICY_QUARANTINE=2,...
-# the same headers SpamAssassin writes, so existing scripts keep working. Forged copies of these
-# headers sent by the outside are not trusted by Postfix setups that strip them; trustmilter
-# adds its own above them, and this script tests the first (topmost) one only.
+# the same headers SpamAssassin writes, so existing scripts keep working. A sender who forges
+# "X-Spam-Flag: YES" only sends its own message to Junk; forging "NO" does not help it, because
+# the test below looks for YES in any copy.
 #
 # Dovecot: put this in sieve_before (global, runs before users' own scripts), e.g.
 #   plugin { sieve_before = /etc/dovecot/sieve/trustmilter-junk.sieve }
