@@ -242,7 +242,10 @@ class TrustMilter(Milter.Base):
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         # The address the MTA reports (Postfix's XCLIENT changes it), never a header.
         self.client_ip = None
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+        # Postfix emulates a connect from "localhost" 127.0.0.1 with port 0 for mail from the
+        # sendmail command (non_smtpd_milters); a real TCP peer never has port 0.
+        if (family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple)
+                and not (len(hostaddr) > 1 and hostaddr[1] == 0)):
             self.client_ip = normalise_ip(str(hostaddr[0]))
         name = (hostname or "").strip()
         # The MTA gives "[1.2.3.4]" (or "unknown") when it has no verified reverse name.

@@ -564,3 +564,31 @@ def test_chrooted_postfix_with_the_documented_socket(dns: TestDNSServer) -> None
     finally:
         proc.stop()
         pf.destroy()
+
+
+def test_local_submission_through_non_smtpd_milters(pf: PostfixInstance,
+                                                    milter: MilterProcess) -> None:
+    """Mail from the sendmail command (pickup -> cleanup -> milter) has no network client: it
+    passes unfiltered, but a forged Authentication-Results header still goes."""
+    pf.set_main(non_smtpd_milters="$smtpd_milters")
+    try:
+        forged = b"Authentication-Results: mx.test.example; dmarc=pass header.from=bank.test\r\n"
+        msgid, raw = make_message("cron@dest.test", extra=forged)
+        sendmail = os.path.join(os.path.dirname(os.path.realpath(
+            __import__("shutil").which("postfix") or "/usr/sbin/postfix")), "sendmail")
+        res = subprocess.run([sendmail, "-C", str(pf.config_dir), "-f", "cron@dest.test", RCPT],
+                             input=raw.replace(b"\r\n", b"\n"), capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        delivered = pf.find_delivered(msgid, timeout=30)
+        assert our_authres(delivered) == []
+        entry = milter.message(queue_id_of_local(delivered))
+        assert entry["action"] == "skip" and entry["why"] == "local", entry
+    finally:
+        pf.set_main(non_smtpd_milters="")
+
+
+def queue_id_of_local(raw: bytes) -> str:
+    received = [v for k, v in headers_of(raw) if k.lower() == "received"]
+    match = re.search(r"\bid (\w+)", received[0])
+    assert match, received[0]
+    return match.group(1)

@@ -270,11 +270,16 @@ def test_reject_and_tempfail_replies() -> None:
     ({"macros": {"{auth_authen}": "alice"}}, "authenticated"),
     ({"ip": ("10.9.8.7", 1)}, "trusted-network"),
     ({"ip": None, "family": socket.AF_UNIX}, "local"),
+    # Postfix's emulated connect for the sendmail command: 127.0.0.1, port 0.
+    ({"ip": ("127.0.0.1", 0)}, "local"),
 ])
-def test_unfiltered_mail_only_loses_forged_headers(case: dict[str, Any], expected: str) -> None:
+def test_unfiltered_mail_only_loses_forged_headers(case: dict[str, Any], expected: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeServer(settings(), verdict())
-    m, ctx, rc = run_message(fake, **case)
+    with caplog.at_level("INFO", logger="trustmilter.message"):
+        m, ctx, rc = run_message(fake, **case)
     assert rc == Milter.ACCEPT and not fake.seen
+    assert f"action=skip why={expected}" in caplog.records[-1].getMessage()
     assert ctx.calls == [("chgheader", "Authentication-Results", 3, None),
                          ("chgheader", "Authentication-Results", 1, None)]
 
