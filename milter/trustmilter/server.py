@@ -27,7 +27,6 @@ import pwd
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -93,13 +92,13 @@ def fold(name: str, value: str, width: int = FOLD_WIDTH) -> str:
     return "\n\t".join(lines)
 
 
-def smtp_text(value: str, limit: int = 400) -> str:
-    """Text for an SMTP reply or quarantine reason: one ASCII line, '%' doubled (libmilter drops a
-    reply with a lone '%'), bounded in length."""
+def smtp_text(value: str, limit: int = 400, reply: bool = True) -> str:
+    """Text for an SMTP reply (or, reply=False, a quarantine reason): one ASCII line, bounded in
+    length; in a reply '%' is doubled (libmilter drops a reply with a lone '%')."""
     text = clean_text(value).encode("ascii", "replace").decode("ascii")
     if len(text) > limit:
         text = text[:limit - 3] + "..."
-    return text.replace("%", "%%")
+    return text.replace("%", "%%") if reply else text
 
 
 def reply_codes(code: str | None, xcode: str | None, default: tuple[str, str]) -> tuple[str, str]:
@@ -418,7 +417,7 @@ class TrustMilter(Milter.Base):
         if verdict.subject_tag:
             self._tag_subject(verdict.subject_tag)
         if action is Action.QUARANTINE:
-            self.quarantine(smtp_text(verdict.reason or "held by trustmilter"))
+            self.quarantine(smtp_text(verdict.reason or "held by trustmilter", reply=False))
         return Milter.ACCEPT
 
     def _value_text(self, value: bytes) -> str:
@@ -601,7 +600,6 @@ class MilterServer:
                 pool.shutdown(wait=False)
                 return False
             self.config, self.settings = config, settings
-            self.holder._factory = lambda gen: self._new_pool(self.config, gen)
             old = self.holder.swap(pool)
             log.info("reloaded %s: %d workers (generation %d)",
                      self.config_path or "<defaults>", pool.size, pool.generation)
@@ -762,4 +760,4 @@ def register_cli(subparsers: Any) -> None:
 
 
 __all__ = ["MilterServer", "Settings", "TrustMilter", "clean_text", "cmd_serve", "fold",
-           "format_log_line", "register_cli", "reply_codes", "smtp_text", "sys"]
+           "format_log_line", "register_cli", "reply_codes", "smtp_text"]

@@ -45,6 +45,11 @@ def ensure_sendmail() -> Path:
     res = subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs, capture_output=True,
                          text=True, timeout=300)
     if res.returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+        res = subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs, capture_output=True,
+                             text=True, timeout=300)
+    if res.returncode != 0:
         raise RuntimeError(f"apt-get download {' '.join(PACKAGES)} failed: {res.stderr[-2000:]}")
     tmp_root = CACHE / "root.tmp"
     shutil.rmtree(tmp_root, ignore_errors=True)
@@ -62,6 +67,12 @@ def sendmail_available() -> str | None:
     for tool in ("apt-get", "dpkg", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
+    # Sendmail sleeps 60 s at every start when the host name has no dot; we give it one in its
+    # own UTS namespace, which needs CAP_SYS_ADMIN (root, not in an unprivileged container).
+    probe = subprocess.run(["unshare", "-u", "sh", "-c", f"hostname {HOSTNAME}"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"unshare -u (a UTS namespace for Sendmail's host name) failed: {probe.stderr}"
     try:
         ensure_sendmail()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

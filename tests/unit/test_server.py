@@ -250,7 +250,7 @@ def test_quarantine_reason_is_sanitised() -> None:
                                           reason="DMARC policy of shop.test\r\nis 100% bad"))
     _, ctx, rc = run_message(fake)
     assert rc == Milter.ACCEPT
-    assert ctx.calls[-1] == ("quarantine", "DMARC policy of shop.test is 100%% bad")
+    assert ctx.calls[-1] == ("quarantine", "DMARC policy of shop.test is 100% bad")
     assert any(c[0] == "addheader" and c[1] == "Authentication-Results" for c in ctx.calls)
 
 
