@@ -39,6 +39,8 @@ from trustmilter import authresults
 from trustmilter.config import DEFAULT_CONFIG_PATH, Config, load_config
 from trustmilter.errors import ConfigError, TrustmilterError
 from trustmilter.received import in_networks, parse_networks
+from trustmilter.rules.loader import load_rule_set
+from trustmilter.store.recorder import StateRecorder
 from trustmilter.types import Action, Envelope, Verdict
 from trustmilter.workers import (PoolHolder, WorkerPool, default_size, prepare_context,
                                  setup_logging)
@@ -370,7 +372,13 @@ class TrustMilter(Milter.Base):
                           eval_ms=round(verdict.elapsed_ms, 1))
             if verdict.reason:
                 fields["reason"] = clean_text(verdict.reason)
-            return self.apply(verdict, forged)
+            result = self.apply(verdict, forged)
+            # History, reputation and the quarantine index: queued to the state writer thread,
+            # never blocking this connection.
+            if server.recorder is not None:
+                server.recorder.record(envelope, verdict, subject=self._header_text("subject"),
+                                       message_id=self._header_text("message-id"))
+            return result
         except Exception as exc:  # noqa: BLE001 - a bug here must not lose the message
             log.exception("queue_id=%s: milter error", envelope.queue_id)
             fields.update(action=f"error-{settings.on_error}", why=f"{type(exc).__name__}: {exc}")
@@ -419,6 +427,12 @@ class TrustMilter(Milter.Base):
         if action is Action.QUARANTINE:
             self.quarantine(smtp_text(verdict.reason or "held by trustmilter", reply=False))
         return Milter.ACCEPT
+
+    def _header_text(self, lname: str) -> str:
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return clean_text(self._value_text(value)).strip()
+        return ""
 
     def _value_text(self, value: bytes) -> str:
         return value.decode("utf-8", "replace")
@@ -521,6 +535,7 @@ class MilterServer:
         self.holder: PoolHolder | None = None
         self._reload_lock = threading.Lock()
         self.socket_spec = str(config.section("milter")["socket"])
+        self.recorder: StateRecorder | None = None
 
     # ----- worker pool ----------------------------------------------------------------------
     def _worker_overrides(self, config: Config) -> dict[str, Any]:
@@ -584,6 +599,10 @@ class MilterServer:
             try:
                 config = load_config(self.config_path, self.overrides)
                 settings = Settings.from_config(config)
+                # A broken rule file must not reach the workers (there it would only disable
+                # the rules check): refuse the reload and keep the running rule set.
+                if config.section("rules")["enabled"]:
+                    load_rule_set(config)
             except TrustmilterError as exc:
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 return False
@@ -667,6 +686,11 @@ class MilterServer:
         read_fd = self._install_signals()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {RELOAD_SIGNAL})
         try:
+            self.recorder = StateRecorder(self.config)
+        except Exception as exc:  # noqa: BLE001 - state is an aid: filtering goes on without it
+            log.error("history/reputation/quarantine index unavailable: %s: %s",
+                      type(exc).__name__, exc)
+        try:
             self.start_pool()
         except Exception as exc:  # noqa: BLE001
             raise TrustmilterError(f"worker processes could not start: {type(exc).__name__}: "
@@ -688,6 +712,8 @@ class MilterServer:
         finally:
             log.info("stopping: waiting for the workers")
             self.holder.pool.shutdown(wait=True)
+            if self.recorder is not None:
+                self.recorder.close(10)
             path = socket_path(self.socket_spec)
             if path is not None:
                 try:

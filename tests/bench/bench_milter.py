@@ -158,6 +158,7 @@ def run_mode(mode: str, messages: list[tuple[str, bytes]], warmup: list[tuple[st
                 "dns": {"server": dns.address},
                 "milter": {"socket_owner": "postfix:postfix", "workers": args.workers,
                            "log_format": "json", "log_file": str(workdir / "trustmilter.log")},
+                "state": {"dir": str(workdir / "state")},
             }
             milter = MilterProcess(workdir, config, spec).start(timeout=300)
         pf.start()

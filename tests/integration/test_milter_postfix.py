@@ -86,6 +86,8 @@ def milter_config(dns: TestDNSServer, log_file: Path, **milter: Any) -> dict[str
         # A junk trigger that needs no content scoring: a HELO without a dot.
         "helo": {"scores": {"HELO_NOT_FQDN": 9.0}},   # junk is 6, quarantine 12
         "milter": settings,
+        # History, reputation, the quarantine index and Bayes: beside the log, never /var/lib.
+        "state": {"dir": str(log_file.parent / "state")},
     }
 
 
