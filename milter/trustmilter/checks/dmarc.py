@@ -725,7 +725,10 @@ def _ar_piece(result: DomainResult, *, downgrade_pass: bool,
     comment_parts = []
     if result.policy is not None and status in (AuthStatus.PASS, AuthStatus.FAIL):
         comment_parts.append(f"p={result.policy.value}")
-        comment_parts.append(f"dis={(result.applied or result.policy).value}")
+        # The disposition is what happens to this message: nothing, when DMARC passed.
+        disposition = "none" if status is AuthStatus.PASS else (result.applied or
+                                                                 result.policy).value
+        comment_parts.append(f"dis={disposition}")
     if overridden:
         comment_parts.append("arc=pass override")
     if downgrade_pass and status is AuthStatus.PASS:
@@ -734,8 +737,11 @@ def _ar_piece(result: DomainResult, *, downgrade_pass: bool,
     elif status in (AuthStatus.TEMPERROR, AuthStatus.PERMERROR) and result.reason:
         comment_parts.append(result.reason[:80])
     comment = _COMMENT_UNSAFE.sub(" ", " ".join(comment_parts)) or None
-    policy = result.applied.value if result.applied is not None and \
-        result.status in (AuthStatus.PASS, AuthStatus.FAIL) else None
+    policy = None
+    if result.applied is not None and status is AuthStatus.FAIL:
+        policy = result.applied.value
+    elif result.applied is not None and status is AuthStatus.PASS:
+        policy = "none"
     return DMARCAuthenticationResult(result=status.value, result_comment=comment,
                                      header_from=result.from_domain, policy=policy)
 
