@@ -135,6 +135,6 @@ def decode_words(value: str) -> str:
             continue
         try:
             out.append(chunk.decode(charset or "ascii", "replace"))
-        except (LookupError, UnicodeError):
+        except (LookupError, ValueError):  # ValueError: a NUL in the charset name
             out.append(chunk.decode("utf-8", "replace"))
     return "".join(out)

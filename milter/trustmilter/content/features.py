@@ -233,7 +233,7 @@ def decode_bytes(payload: bytes, charset: str | None) -> str:
     name = _CHARSET_ALIASES.get(name, name) or "utf-8"
     try:
         codecs.lookup(name)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the charset name
         name = "utf-8"
     if name == "utf-8":
         try:

@@ -1,0 +1,33 @@
+"""Crashes the hostile-input tests found, each pinned by the input that found it."""
+from __future__ import annotations
+
+from typing import Callable
+
+from trustmilter.content.features import decode_bytes, extract
+from trustmilter.message import ParsedMessage, decode_words
+from trustmilter.pipeline import Engine, evaluate
+from trustmilter.types import Action, Envelope
+
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def test_nul_in_encoded_word_charset() -> None:
+    """Found by the atheris target: ``=?\\x01\\x00f-8?q?...?=`` made bytes.decode raise
+    ValueError (embedded null character), not LookupError."""
+    assert decode_words("=?u\x00tf-8?q?hi?= there") == "hi there"
+    assert decode_bytes(b"caf\xc3\xa9", "u\x00tf-8") == "caf\u00e9"
+
+
+def test_nul_charset_subject_cannot_switch_the_rules_off(
+        make_engine: Callable[..., Engine]) -> None:
+    """The same bug through the pipeline: the rules check crashed (RULES_ERROR), so one header
+    turned every rule off, GTUBE's reject included."""
+    raw = (b"From: a@good.test\r\nTo: user@dest.test\r\nSubject: =?u\x00tf-8?q?hi?=\r\n"
+           b"Content-Type: text/plain; charset=\"u\x00tf-8\"\r\n\r\n" + GTUBE + b"\r\n")
+    extract(ParsedMessage.parse(raw))
+    verdict = evaluate(Envelope(client_ip="192.0.2.10", helo="mail.good.test",
+                                mail_from="a@good.test", rcpt_to=("user@dest.test",)),
+                       raw, make_engine())
+    names = [s.name for s in verdict.symbols]
+    assert not [n for n in names if n.endswith("_ERROR")], names
+    assert "GTUBE_REJECT" in names and verdict.action is Action.REJECT
