@@ -112,27 +112,42 @@ def fault_dns() -> Iterator[TestDNSServer]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def harness(fault_dns: TestDNSServer) -> Iterator[Harness]:
+def build_harness(dns: TestDNSServer,
+                  prepare: Callable[[Path, dict[str, Any]], None] | None = None,
+                  cleanup: Callable[[Path], None] | None = None) -> Iterator[Harness]:
+    """Start DNS-backed MX + milter + front. ``prepare(workdir, config)`` may change the milter's
+    config (and the filesystem) before it starts; ``cleanup(workdir)`` runs after it stopped."""
     mx = PostfixInstance.create(prefix="tm-fault-")
     workdir = mx.base / "milter"
+    workdir.mkdir(parents=True, exist_ok=True)
     mx.milters = f"unix:{workdir / 'tm.sock'}"
     mx.write_config()
-    config = base_milter_config(fault_dns, workdir)
-    milter = MilterProcess(workdir, config, mx.milters)
+    config = base_milter_config(dns, workdir)
     front = PostfixInstance.create(prefix="tm-ffront-", domains=(), hostname="front.test.example",
                                    sink=f"relay:[127.0.0.1]:{mx.port}",
                                    # XCLIENT makes the client 192.0.2.10: allowed to relay.
                                    extra_main={"mynetworks": "127.0.0.0/8, 192.0.2.0/24"})
+    milter: MilterProcess | None = None
     try:
+        if prepare is not None:
+            prepare(workdir, config)
+        milter = MilterProcess(workdir, config, mx.milters)
         milter.start()
         mx.start()
         front.start()
-        yield Harness(fault_dns, mx, milter, front, config)
+        yield Harness(dns, mx, milter, front, config)
     finally:
-        milter.stop()
+        if milter is not None:
+            milter.stop()
         front.destroy()
+        if cleanup is not None:
+            cleanup(workdir)
         mx.destroy()
+
+
+@pytest.fixture(scope="module")
+def harness(fault_dns: TestDNSServer) -> Iterator[Harness]:
+    yield from build_harness(fault_dns)
 
 
 @pytest.fixture
