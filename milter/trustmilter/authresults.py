@@ -32,7 +32,8 @@ def claims_authserv_id(value: str, authserv_id: str) -> bool:
     try:
         found = parse(value).authserv_id
     except Exception:  # noqa: BLE001 - authres raises several types on hostile input
-        found = value.strip().split(";", 1)[0].split()[0] if value.strip() else ""
+        # "; ..." or "(comment)": no first token at all (an IndexError here tempfailed the mail).
+        found = (value.strip().split(";", 1)[0].split() or [""])[0]
     return str(found).strip().lower() == authserv_id.strip().lower()
 
 

@@ -31,3 +31,13 @@ def test_nul_charset_subject_cannot_switch_the_rules_off(
     names = [s.name for s in verdict.symbols]
     assert not [n for n in names if n.endswith("_ERROR")], names
     assert "GTUBE_REJECT" in names and verdict.action is Action.REJECT
+
+
+def test_authres_without_authserv_id_is_not_a_crash() -> None:
+    """Found through Postfix: ``Authentication-Results: ;;;;(((`` (no authserv-id) raised
+    IndexError in forged_indexes, so the milter answered 451 to every such message, and with
+    on_error: accept would have let a forged header beside it through."""
+    from trustmilter.authresults import claims_authserv_id, forged_indexes
+    values = [" mx.test.example; dmarc=pass", " ;;;;(((", " ", " ;", " (c) ; x", "mx.test.example"]
+    assert forged_indexes(values, "mx.test.example") == [6, 1]
+    assert not claims_authserv_id(";", "mx.test.example")
