@@ -75,5 +75,8 @@ def _warn_unscored(name: str) -> None:
 class Check(Protocol):
     NAME: str
     DEPENDS: tuple[str, ...]
+    # Optional ``INLINE = True``: the check does no DNS (local CPU work only), so the pipeline
+    # runs it in the evaluating thread instead of handing it to a thread; such a check cannot
+    # be abandoned at the deadline.
 
     def run(self, ctx: CheckContext) -> CheckResult: ...

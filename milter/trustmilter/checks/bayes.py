@@ -12,6 +12,7 @@ from trustmilter.content.features import Limits
 
 NAME = "bayes"
 DEPENDS: tuple[str, ...] = ()
+INLINE = True   # no DNS: the pipeline runs it in the evaluating thread
 log = logging.getLogger("trustmilter.checks.bayes")
 
 # (lower bound of the band, symbol), highest first; the bands of SpamAssassin's BAYES_nn.

@@ -8,6 +8,7 @@ from trustmilter.checks.base import CheckContext, CheckResult
 
 NAME = "helo"
 DEPENDS: tuple[str, ...] = ()
+INLINE = True   # no DNS: the pipeline runs it in the evaluating thread
 
 
 def run(ctx: CheckContext) -> CheckResult:

@@ -13,6 +13,7 @@ from trustmilter.types import Symbol
 
 NAME = "model"
 DEPENDS: tuple[str, ...] = ()
+INLINE = True   # no DNS: the pipeline runs it in the evaluating thread
 
 
 def setup(engine) -> None:  # type: ignore[no-untyped-def]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 NAME = "reputation"
 DEPENDS: tuple[str, ...] = ("spf", "dkim", "dmarc")
+INLINE = True   # no DNS: the pipeline runs it in the evaluating thread
 log = logging.getLogger("trustmilter.checks.reputation")
 _throttled = ThrottledLog(log)
 _HOUR = 3600.0

@@ -27,6 +27,7 @@ NAME = "rules"
 # name here is not a check of the engine (the pipeline would otherwise skip rules silently).
 DEPENDS: tuple[str, ...] = ("spf", "dkim", "arc", "iprev", "helo", "dmarc", "dnsbl", "uribl",
                           "bayes", "model", "reputation")
+INLINE = True   # no DNS: the pipeline runs it in the evaluating thread
 STATE_KEY = "rules.rule_set"
 
 log = logging.getLogger("trustmilter.checks.rules")
