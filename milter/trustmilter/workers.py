@@ -133,12 +133,14 @@ def _init_worker(config_path: str | None, overrides: dict[str, Any], generation:
             log.error("worker %d: check %s disabled: %s", os.getpid(), name, why)
 
 
-def _ping(delay: float) -> tuple[int, int]:
-    """Warm-up task: proves this worker built its engine. Sleeps so that concurrent pings spread
-    over the workers instead of all landing on the first one ready."""
+def _ping(delay: float) -> tuple[int, int, dict[str, str]]:
+    """Warm-up task: proves this worker built its engine, and says which checks it had to
+    disable because their setup failed (a missing model, a broken rule file). Sleeps so that
+    concurrent pings spread over the workers instead of all landing on the first one ready."""
     time.sleep(delay)
     assert _engine is not None
-    return os.getpid(), _generation
+    broken = {name: why for name, why in _engine.disabled.items() if why != "disabled in config"}
+    return os.getpid(), _generation, broken
 
 
 def relay_envelope(envelope: Envelope, raw: bytes, engine: Engine) -> Envelope:
@@ -179,6 +181,8 @@ class WorkerPool:
                  log_setup: dict[str, Any] | None = None) -> None:
         self.size = size
         self.generation = generation
+        # Checks some worker of this pool had to disable (setup failed): name -> why.
+        self.broken_checks: dict[str, str] = {}
         self._executor = cf.ProcessPoolExecutor(
             max_workers=size, mp_context=ctx, initializer=_init_worker,
             initargs=(config_path, overrides, generation, log_setup, os.getpid()))
@@ -194,7 +198,9 @@ class WorkerPool:
             # a worker still loading picks up pings of a later batch.
             futures = [self._executor.submit(_ping, 0.2) for _ in range(self.size)]
             for future in futures:
-                pids.add(future.result(timeout=max(0.1, deadline - time.monotonic()))[0])
+                pid, _gen, broken = future.result(timeout=max(0.1, deadline - time.monotonic()))
+                pids.add(pid)
+                self.broken_checks.update(broken)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(pids)} of {self.size} workers ready")
         return sorted(pids)
@@ -232,6 +238,8 @@ class PoolHolder:
                 return
             log.error("a worker process died; starting a new pool of %d workers", broken.size)
             self._pool = self._factory(broken.generation + 1)
+            # Same config, same checks: what the broken pool could not set up, nor can this one.
+            self._pool.broken_checks = dict(broken.broken_checks)
         broken.shutdown(wait=False)
 
 
