@@ -41,3 +41,23 @@ def test_authres_without_authserv_id_is_not_a_crash() -> None:
     values = [" mx.test.example; dmarc=pass", " ;;;;(((", " ", " ;", " (c) ; x", "mx.test.example"]
     assert forged_indexes(values, "mx.test.example") == [6, 1]
     assert not claims_authserv_id(";", "mx.test.example")
+
+
+def test_bayes_store_is_private(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Found through Postfix: the Bayes token store (words of users' mail) was created with the
+    umask (0644, and its -wal/-shm files with it) while every other state file was 0600."""
+    import os
+    import stat
+
+    from trustmilter.store.sqlite import SQLiteTokenStore
+    old = os.umask(0o022)
+    try:
+        store = SQLiteTokenStore(tmp_path / "bayes.sqlite")
+        store.totals()
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.iterdir())
+    assert any(p.name == "bayes.sqlite" for p in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path.name, oct(path.stat().st_mode))
+    store.close()

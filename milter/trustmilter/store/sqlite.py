@@ -42,6 +42,11 @@ class SQLiteTokenStore:
             if readonly or not create:
                 raise StoreError(f"{self.path}: no Bayes database")
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if not readonly and create:
+                # Tokens are words of users' mail: 0600 before SQLite creates the file with the
+                # umask (its -wal and -shm files take the database file's mode).
+                from trustmilter.store.db import _create_private_file
+                _create_private_file(Path(self.path))
         if not readonly:
             self._init_schema()
         else:
