@@ -64,6 +64,7 @@ class FakeServer:
     verdict: Verdict | None = None
     error: str = ""
     seen: list[tuple[Envelope, bytes]] = field(default_factory=list)
+    recorder: None = None     # no state writer: these tests look at milter actions only
 
     def evaluate(self, conn: TrustMilter, envelope: Envelope, raw: bytes
                  ) -> tuple[Verdict | None, str]:
