@@ -46,6 +46,13 @@ HOSTILE_NESTED:
   score: 0.5
   match:
     header: {name: Subject, regex: '^(a|aa)+(b|a)*c$'}
+HOSTILE_REASON:
+  description: A reason an admin wrote with line breaks in it (YAML escapes)
+  score: 1
+  action: reject
+  reason: "refused here\\r\\nX-Injected-Reply: yes\\r\\n250 fake"
+  match:
+    header: {name: Subject, contains: trigger-reason-injection}
 """
 
 
@@ -53,6 +60,12 @@ HOSTILE_NESTED:
 def dns() -> Iterator[TestDNSServer]:
     server = TestDNSServer().start()
     zone(server, "")          # no DKIM key needed here
+    # Answers only TCP can carry (the server truncates over UDP), ~50 KB for the SPF name.
+    server.add("huge.test", "TXT", ["v=spf1 ip4:192.0.2.0/24 "] + ["x" * 255] * 150 + [" -all"])
+    for i in range(10):
+        server.add("huge.test", "TXT", f"filler-{i} " + "y" * 1000)
+    server.add("_dmarc.huge.test", "TXT", "v=DMARC1; p=reject; rua=mailto:" + "r" * 20000
+               + "@huge.test")
     yield server
     server.stop()
 
@@ -298,3 +311,43 @@ def test_service_security_facts(setup: tuple[PostfixInstance, MilterProcess]) ->
     for path in milter.workdir.rglob("*"):
         if path.is_file() and path.suffix in (".log", ".txt"):
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_reasons_in_replies_are_one_line(setup: tuple[PostfixInstance, MilterProcess]) -> None:
+    """A rule reason with CR LF (YAML escapes) and a DMARC reject (the From domain in the
+    reason): each sender sees one reply line, no injected reply or header."""
+    pf, milter = setup
+    token = f"reason-{next(_nonce)}"
+    out = send_raw(pf, tagged(messages.head("trigger-reason-injection") + b"\r\nbody\r\n",
+                              token))
+    assert out.code == 550, out
+    assert "\n" not in out.reply and "\r" not in out.reply, out
+    assert out.reply.startswith("5.7.1 refused here X-Injected-Reply: yes 250 fake"), out
+    token = f"dmarc-{next(_nonce)}"
+    out = send_raw(pf, tagged(messages.forged_authres(), token))   # From: ceo@bank.test, p=reject
+    assert out.code == 550 and "\n" not in out.reply and "bank.test" in out.reply, out
+    since = len(milter.messages())
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        new = [e for e in milter.messages()[since - 1:] if e.get("action") == "reject"
+               and "DMARC" in e.get("symbols", "")]
+        if new:
+            break
+        time.sleep(0.1)
+    assert new, milter.messages()[-3:]
+
+
+def test_huge_txt_answers_through_postfix(setup: tuple[PostfixInstance, MilterProcess],
+                                          dns: TestDNSServer) -> None:
+    pf, milter = setup
+    token = f"huge-{next(_nonce)}"
+    before = len(dns.queries)
+    raw = messages.head("huge", from_addr="boss@huge.test") + b"\r\nbody\r\n"
+    out = send_raw(pf, tagged(raw, token), mail_from="boss@huge.test")
+    assert out.seconds < 15, out
+    state, delivered = account(pf, milter, token, out)
+    asked = dns.queries[before:]
+    assert ("huge.test", "TXT", "tcp") in asked and ("_dmarc.huge.test", "TXT", "tcp") in asked
+    if delivered is not None:
+        (ours,) = our_authres(delivered)
+        assert "temperror" not in ours, ours
