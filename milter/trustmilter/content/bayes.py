@@ -95,10 +95,19 @@ class BayesClassifier:
             return BayesResult(None, nspam=nspam, nham=nham)
         counts = self.store.counts(tokens)
         scored: list[tuple[float, float, str]] = []
+        # token_probability inlined (same arithmetic, same order): this loop runs for every
+        # known token of every message.
+        strength, prior = s.unknown_word_strength, s.unknown_word_prob
+        minimum = s.minimum_prob_strength
         for token, (spam, ham) in counts.items():
-            prob = self.token_probability(spam, ham, nspam, nham)
+            spam_ratio = spam / nspam if nspam else 0.0
+            ham_ratio = ham / nham if nham else 0.0
+            denom = spam_ratio + ham_ratio
+            prob = spam_ratio / denom if denom else prior
+            n = spam + ham
+            prob = (strength * prior + n * prob) / (strength + n)
             distance = abs(prob - 0.5)
-            if distance >= s.minimum_prob_strength:
+            if distance >= minimum:
                 scored.append((distance, prob, token))
         clues = heapq.nlargest(s.max_discriminators, scored)
         if not clues:
