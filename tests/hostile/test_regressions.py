@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from trustmilter.content.features import decode_bytes, extract
 from trustmilter.message import ParsedMessage, decode_words
 from trustmilter.pipeline import Engine, evaluate
@@ -61,3 +64,32 @@ def test_bayes_store_is_private(tmp_path) -> None:  # type: ignore[no-untyped-de
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path.name, oct(path.stat().st_mode))
     store.close()
+
+
+_PIECES = [b"A: b", b"\r\n", b"\n", b"\r", b" x", b"\tfold", b"Subject : y", b"", b"body", b"B:c",
+           b"DKIM-Signature: v=1; d=x", b":", b"\x00"]
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=400)
+@given(st.lists(st.sampled_from(_PIECES), max_size=16).map(b"".join))
+def test_dkimpy_message_fast_split_is_the_same_split(raw: bytes) -> None:
+    """Found by the 50 MB scan: DKIM and ARC each split the whole message into lines (~180 MB
+    for 50 MB). Now only the header block is; the result must be exactly what it was."""
+    from trustmilter.checks.dkim import _split_whole, dkimpy_message
+    assert dkimpy_message(raw) == _split_whole(raw)
+
+
+def test_dkimpy_message_memory_is_bounded() -> None:
+    import tracemalloc
+
+    from trustmilter.checks.dkim import dkimpy_message
+    body = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\n" * 500_000        # 18 MB, bare LF lines
+    raw = b"From: a@b.test\nDKIM-Signature: v=1; d=b.test\n\n" + body
+    tracemalloc.start()
+    try:
+        headers, out = dkimpy_message(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == body.replace(b"\n", b"\r\n") and len(headers) == 2
+    assert peak < 3 * len(body), peak      # the LF -> CRLF copies, not a list of lines

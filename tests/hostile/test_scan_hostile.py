@@ -109,9 +109,9 @@ def test_fifty_megabytes_is_bounded(dns: TestDNSServer, tmp_path: Path) -> None:
     assert len(reports) == 1
     assert_sane(reports[0])
     assert wall < 45, wall
-    # The raw message is held (50 MB) plus its parse; a full MIME decode of the attachment and
-    # its copies would be several times that.
-    assert peak_kib < 600 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    # Measured here: ~320 MiB (the process with its model and rules is ~200 of it). Before DKIM
+    # and ARC stopped splitting the body into lines it was 560 MiB.
+    assert peak_kib < 420 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
 
 
 def test_huge_txt_answers_over_tcp(dns: TestDNSServer, tmp_path: Path) -> None:
