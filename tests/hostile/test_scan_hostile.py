@@ -42,11 +42,11 @@ def dns() -> Iterator[TestDNSServer]:
 
 
 def scan(dns: TestDNSServer, tmp: Path, paths: list[Path], *extra: str,
-         timeout: float = 120.0) -> tuple[list[dict[str, Any]], float, int]:
+         timeout: float = 120.0, config_extra: str = "") -> tuple[list[dict[str, Any]], float, int]:
     """Run ``trustmilter scan --json``; (reports, wall seconds, peak RSS in KiB)."""
     config = tmp / "config.yaml"
     config.write_text(f"authserv_id: mx.test.example\nstate: {{dir: {tmp / 'state'}}}\n"
-                      "dns: {timeout: 1.0, deadline: 3.0, cache_size: 0}\n")
+                      "dns: {timeout: 1.0, deadline: 3.0, cache_size: 0}\n" + config_extra)
     cmd = [sys.executable, "-m", "trustmilter.cli", "scan", "--json", "--workers", "1",
            "--config", str(config), "--resolver", dns.address, "--client-ip", "192.0.2.10",
            "--helo", "mail.good.test", "--mail-from", "alice@good.test", *extra,
@@ -145,3 +145,24 @@ def test_crlf_in_envelope_values_stays_out_of_headers(dns: TestDNSServer, tmp_pa
     ar = rep["authentication_results"]
     # assert_sane: one line. And the odd HELO is a quoted value, not a new result or header.
     assert 'smtp.helo="evil.test' in ar, ar
+
+
+def test_pathological_regex_rule_through_scan(dns: TestDNSServer, tmp_path: Path) -> None:
+    """A local rule with (a+)+$ and a 100,000-character Subject of a's ending in '!': a
+    backtracking engine would not finish; RE2 does in milliseconds, and the rule is live."""
+    rules = tmp_path / "rules.d"
+    rules.mkdir()
+    (rules / "redos.yaml").write_text(
+        "SCAN_REDOS:\n  description: exponential for backtrackers\n  score: 0.5\n"
+        "  match:\n    header: {name: Subject, regex: '^(a+)+$'}\n")
+    slow = tmp_path / "slow.eml"
+    slow.write_bytes(messages.head("a" * 100_000 + "!") + b"\r\nbody\r\n")
+    hit = tmp_path / "hit.eml"
+    hit.write_bytes(messages.head("a" * 100_000) + b"\r\nbody\r\n")
+    reports, _, _ = scan(dns, tmp_path, [slow, hit], config_extra=f"rules: {{local_dir: {rules}}}\n")
+    by_name = {Path(r["file"]).stem: r for r in reports}
+    for rep in reports:
+        assert_sane(rep)
+        assert rep["elapsed_ms"] < 3000, rep
+    assert "SCAN_REDOS" not in [s["name"] for s in by_name["slow"]["symbols"]]
+    assert "SCAN_REDOS" in [s["name"] for s in by_name["hit"]["symbols"]]
