@@ -760,3 +760,26 @@ def test_author_domains_never_raises(values: list[str]) -> None:
     found = dmarc.author_domains(values)
     assert found.header_count == len(values)
     assert all(d == d.lower() and d.isascii() for d in found.domains)
+
+
+@pytest.mark.parametrize("value", [
+    "a@b.example", "<a@b.example>", "Ann Bee <a.b+c_d-e@x-y.example.org>", '"Ann Bee" <a@b.example>',
+    "Ann<a@b.example>", "1@2.3", "a@-x.example", "a-@x-.example",
+])
+def test_simple_from_fast_path_matches_the_stdlib_parser(value: str) -> None:
+    """author_domains skips the (slow) stdlib parser for plain mailboxes: the stdlib must find
+    exactly that one domain, without defects, for everything the fast path accepts."""
+    import email.policy
+    match = dmarc._SIMPLE_MAILBOX.fullmatch(value)
+    assert match is not None
+    header = email.policy.default.header_factory("From", value)
+    assert [a.domain for a in header.addresses] == [match.group("angle") or match.group("bare")]
+    assert list(header.defects) == []
+
+
+@pytest.mark.parametrize("value", [
+    "a..b@x.example", ".a@x.example", "a@x..example", "a@x", '"" <a@x.example>', "A  B <a@x.example>",
+    "A <a@x.example>, b@y.example", "a@x.example, ", "A.B <a@x.example>", "=?utf-8?q?A?= <a@x.example>",
+])
+def test_other_from_values_take_the_stdlib_parser(value: str) -> None:
+    assert dmarc._SIMPLE_MAILBOX.fullmatch(value) is None
