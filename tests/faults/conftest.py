@@ -137,9 +137,15 @@ def build_harness(dns: TestDNSServer,
         front.start()
         yield Harness(dns, mx, milter, front, config)
     finally:
+        # In parallel: a clean milter stop waits ~5 s on libmilter's listener, each Postfix ~2 s.
+        import threading
+        stoppers = [threading.Thread(target=front.destroy), threading.Thread(target=mx.stop)]
         if milter is not None:
-            milter.stop()
-        front.destroy()
+            stoppers.append(threading.Thread(target=milter.stop))
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(60)
         if cleanup is not None:
             cleanup(workdir)
         mx.destroy()
