@@ -618,15 +618,15 @@ class MilterServer:
                           "not start: %s: %s", type(exc).__name__, exc)
                 pool.shutdown(wait=False)
                 return False
-            # A check the running workers have but the new ones could not set up (a model file
-            # missing or corrupt, a database gone): refuse, keep the running workers, rather than
-            # filter on silently without it. At start there is nothing to keep: the milter runs
-            # with the check disabled (logged as an ERROR by each worker).
+            # A check the new workers could not set up (a model file missing or corrupt, a
+            # database gone) that the running ones did not lack: refuse and keep the running
+            # workers rather than filter on without it, as for a broken rule file. At start there
+            # is nothing to keep: the milter runs with the check disabled (an ERROR per worker).
             lost = {name: why for name, why in pool.broken_checks.items()
                     if name not in self.holder.pool.broken_checks}
             if lost:
-                log.error("reload failed, keeping the running configuration: check(s) the "
-                          "running workers have would be disabled: %s",
+                log.error("reload failed, keeping the running configuration: the new workers "
+                          "could not set up: %s",
                           "; ".join(f"{name}: {why}" for name, why in sorted(lost.items())))
                 pool.shutdown(wait=False)
                 return False
