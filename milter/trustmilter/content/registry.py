@@ -8,6 +8,8 @@ model's Bayes export the first time it is opened.
 """
 from __future__ import annotations
 
+import fcntl
+
 import logging
 import os
 import tempfile
@@ -119,8 +121,27 @@ def open_bayes_store(bayes_section: dict[str, Any], model_section: dict[str, Any
     the box. When its directory cannot be written (a read-only checkout, no permission) the
     seed goes to a private temporary file instead and a warning says so: scoring works,
     learning would not persist."""
-    busy = int(bayes_section.get("busy_timeout_ms", 200))
     path = Path(str(bayes_section.get("path") or DEFAULT_BAYES_PATH))
+    if readonly:
+        return _open_bayes_store(path, bayes_section, model_section, readonly=True)
+    # Several worker processes start at once: without a lock two of them would create and seed
+    # the same new database, and one would lose to "database is locked" and run without Bayes.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        return _open_bayes_store(path, bayes_section, model_section, readonly=False)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return _open_bayes_store(path, bayes_section, model_section, readonly=False)
+    finally:
+        os.close(lock_fd)   # releases the lock
+
+
+def _open_bayes_store(path: Path, bayes_section: dict[str, Any],
+                      model_section: dict[str, Any] | None, *, readonly: bool
+                      ) -> SQLiteTokenStore:
+    busy = int(bayes_section.get("busy_timeout_ms", 200))
     seed = bool(bayes_section.get("seed_from_model", True))
     if path.exists():
         store = SQLiteTokenStore(path, busy_timeout_ms=busy, readonly=readonly)
