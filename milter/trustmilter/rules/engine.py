@@ -14,6 +14,7 @@ pattern can hang the milter.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 import time
@@ -730,6 +731,7 @@ class ReplyTo(Condition):
         return False
 
 
+@functools.lru_cache(maxsize=1024)   # several rules read the same Date/Received dates
 def _parse_date(value: str) -> float | None:
     try:
         parsed = email.utils.parsedate_to_datetime(value)
