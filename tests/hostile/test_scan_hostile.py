@@ -111,7 +111,7 @@ def test_fifty_megabytes_is_bounded(dns: TestDNSServer, tmp_path: Path) -> None:
     assert wall < 45, wall
     # Measured here: ~320 MiB (the process with its model and rules is ~200 of it). Before DKIM
     # and ARC stopped splitting the body into lines it was 560 MiB.
-    assert peak_kib < 420 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert peak_kib < 420 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"  # ~280 MiB once DKIM and ARC share one body copy
 
 
 def test_huge_txt_answers_over_tcp(dns: TestDNSServer, tmp_path: Path) -> None:

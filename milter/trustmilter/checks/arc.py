@@ -31,7 +31,7 @@ import dkim.util
 from authres.arc import ARCAuthenticationResult
 
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.checks.dkim import DKIMPY_LOGGER, choose_key_record, dkimpy_message
+from trustmilter.checks.dkim import DKIMPY_LOGGER, choose_key_record, dkimpy_message_of
 from trustmilter.checks.outcomes import ARCOutcome
 from trustmilter.errors import ConfigError, DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus
@@ -262,7 +262,7 @@ def validate(ctx: CheckContext) -> ChainValidation:
     """Validate the ARC chain of ``ctx.message`` (RFC 8617 5.2). Never raises."""
     min_bits = int(ctx.config.get("dkim.min_rsa_bits", 1024))
     validator = _ARCValidator(None, logger=DKIMPY_LOGGER, minkey=min_bits)
-    validator.headers, validator.body = dkimpy_message(ctx.message.raw)
+    validator.headers, validator.body = dkimpy_message_of(ctx.message)
     try:
         instances, sorted_headers = validator.sorted_arc_headers()
     except Exception as exc:  # noqa: BLE001 - hostile headers

@@ -26,8 +26,9 @@ import base64
 import binascii
 import logging
 import re
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dkim
 import dkim.crypto
@@ -41,6 +42,9 @@ from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.outcomes import DKIMOutcome, DKIMSignatureResult
 from trustmilter.errors import DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus, Symbol
+
+if TYPE_CHECKING:
+    from trustmilter.message import ParsedMessage
 
 NAME = "dkim"
 DEPENDS: tuple[str, ...] = ()
@@ -68,6 +72,22 @@ DKIMPY_LOGGER = _DebugAdapter(logging.getLogger("trustmilter.dkimpy"), {})
 _FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+[ \t]*):")
 # The end of the header block as dkimpy finds it: the first empty line, lines ending in CRLF or LF.
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+_shared_lock = threading.Lock()
+
+
+def dkimpy_message_of(message: "ParsedMessage") -> tuple[list[list[bytes]], bytes]:
+    """``dkimpy_message`` of a parsed message, computed once and shared by DKIM and ARC (which
+    run concurrently): the CRLF body of a 50 MB message is 50 MB. Each caller gets its own
+    header lists; the body bytes are immutable and shared."""
+    with _shared_lock:
+        cached = getattr(message, "_dkimpy_split", None)
+        if cached is None:
+            cached = dkimpy_message(message.raw)
+            message._dkimpy_split = cached  # type: ignore[attr-defined]
+    headers, body = cached
+    return [list(h) for h in headers], body
 
 
 def dkimpy_message(raw: bytes) -> tuple[list[list[bytes]], bytes]:
@@ -376,7 +396,7 @@ def verify_message(ctx: CheckContext) -> tuple[list[Verified], int]:
     max_bits = int(section.get("max_rsa_bits", DEFAULT_MAX_RSA_BITS))
     limit = max(1, int(section.get("max_signatures", 8)))
     verifier = dkim.DKIM(None, logger=DKIMPY_LOGGER, minkey=0)
-    verifier.headers, verifier.body = dkimpy_message(ctx.message.raw)
+    verifier.headers, verifier.body = dkimpy_message_of(ctx.message)
     values = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
     found: list[Verified] = []
     for header in values[:limit]:

@@ -59,7 +59,7 @@ def message_digest(message: ParsedMessage) -> str:
     for name in ("Message-ID", "From", "Date", "Subject"):
         h.update((message.get(name) or "").encode("utf-8", "surrogateescape"))
         h.update(b"\0")
-    h.update(message.body)
+    h.update(memoryview(message.raw)[message.body_offset:])   # no copy of a huge body
     return h.hexdigest()[:40]
 
 
