@@ -56,8 +56,14 @@ def fault_then_recover(h: Harness, expect_symbols: tuple[str, ...]) -> dict[str,
     assert replies[0].startswith("451 4.7.1 "), replies
     assert "DNS" in replies[0] or "temporar" in replies[0].lower(), replies
     # The front's queue holds it (deferred), the MX delivered nothing.
-    queued = h.front.queue()
-    assert len(queued) == 1 and queued[0]["queue_name"] in ("deferred", "active"), queued
+    # (Polled: the front logs the 451 a moment before its queue manager files the message.)
+    def held_by_front() -> list[dict[str, Any]] | None:
+        queued = h.front.queue()
+        ok = len(queued) == 1 and queued[0]["queue_name"] in ("deferred", "active")
+        return queued if ok else None
+
+    queued = wait_for(held_by_front, 30, "the front holds the message", h.detail)
+    assert len(queued) == 1, queued
     assert not [raw for raw in h.mx.delivered() if msgid.encode() in raw]
     entries = wait_for(lambda: verdict_lines(h, seen), 10, "milter logged a verdict")
     # A verdict (not "error-tempfail": the milter never gave up on the message).

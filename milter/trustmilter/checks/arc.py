@@ -31,7 +31,8 @@ import dkim.util
 from authres.arc import ARCAuthenticationResult
 
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.checks.dkim import DKIMPY_LOGGER, choose_key_record, dkimpy_message_of
+from trustmilter.checks.dkim import (DKIMPY_LOGGER, choose_key_record, dkimpy_message_of,
+                                     huge_body_turn)
 from trustmilter.checks.outcomes import ARCOutcome
 from trustmilter.errors import ConfigError, DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus
@@ -333,7 +334,8 @@ def setup(engine: Any) -> None:
 
 
 def run(ctx: CheckContext) -> CheckResult:
-    validation = validate(ctx)
+    with huge_body_turn(dkimpy_message_of(ctx.message)[1]):
+        validation = validate(ctx)
     outcome, oldest = validation.outcome, validation.oldest_pass
     trusted_list = list(ctx.section(NAME).get("trusted_sealers") or [])
     if outcome.status is AuthStatus.PASS and sealer_trusted(outcome.sealer, trusted_list):

@@ -23,12 +23,13 @@ ARC check (the same dkimpy glue; no results are shared that way).
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import logging
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import dkim
 import dkim.crypto
@@ -75,6 +76,21 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 _shared_lock = threading.Lock()
+
+# Canonicalizing a body for its hash makes copies of it; DKIM and ARC run in concurrent threads
+# and would each hold copies of a 50 MB body at once. Above this size they take turns: bounded
+# memory matters more than a little latency on such rare messages.
+HUGE_BODY_BYTES = 8 * 1024 * 1024
+_huge_body_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def huge_body_turn(body: bytes) -> Iterator[None]:
+    if len(body) < HUGE_BODY_BYTES:
+        yield
+        return
+    with _huge_body_lock:
+        yield
 
 
 def dkimpy_message_of(message: "ParsedMessage") -> tuple[list[list[bytes]], bytes]:
@@ -399,8 +415,9 @@ def verify_message(ctx: CheckContext) -> tuple[list[Verified], int]:
     verifier.headers, verifier.body = dkimpy_message_of(ctx.message)
     values = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
     found: list[Verified] = []
-    for header in values[:limit]:
-        found.append(verify_one(verifier, (header[0], header[1]), ctx, min_bits, max_bits))
+    with huge_body_turn(verifier.body):
+        for header in values[:limit]:
+            found.append(verify_one(verifier, (header[0], header[1]), ctx, min_bits, max_bits))
     for item, length in zip(found, _header_b_lengths(found), strict=True):
         if length != len(item.result.b):
             res = item.result
