@@ -39,13 +39,24 @@ def parse_received(value: str) -> Hop:
     return Hop(helo=helo, ip=ip, header=value)
 
 
-def in_networks(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def parse_ip(ip: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, with IPv4-mapped IPv6 (::ffff:192.0.2.1, as dual-stack sockets report IPv4
+    clients) unwrapped to IPv4; None when ``ip`` is empty or not an address."""
+    if not ip:
+        return None
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = ipaddress.ip_address(str(ip))
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+        return addr.ipv4_mapped
+    return addr
+
+
+def in_networks(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    addr = parse_ip(ip)
+    if addr is None:
+        return False
     return any(addr.version == net.version and addr in net for net in networks)
 
 

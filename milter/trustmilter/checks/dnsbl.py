@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from trustmilter import dnslists
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.received import in_networks, parse_networks
+from trustmilter.received import in_networks, parse_ip, parse_networks
 
 if TYPE_CHECKING:
     from trustmilter.pipeline import Engine
@@ -31,16 +31,7 @@ def setup(engine: "Engine") -> None:
 
 def client_address(ctx: CheckContext) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The client address worth looking up, or None (with the reason left to the caller)."""
-    ip = ctx.envelope.client_ip
-    if not ip:
-        return None
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return addr
+    return parse_ip(ctx.envelope.client_ip)
 
 
 def run(ctx: CheckContext) -> CheckResult:

@@ -28,6 +28,7 @@ from authres import SPFAuthenticationResult
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.outcomes import SPFOutcome
 from trustmilter.dns import DNSSession
+from trustmilter.received import parse_ip
 from trustmilter.errors import DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus, Symbol
 
@@ -164,13 +165,8 @@ def normalize_ip(client_ip: str | None) -> str | None:
         text = text[1:-1]
     if text.lower().startswith("ipv6:"):
         text = text[5:]
-    try:
-        addr = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+    addr = parse_ip(text.split("%", 1)[0])
+    return str(addr) if addr is not None else None
 
 
 def _malformed(domain: str) -> str | None:

@@ -23,6 +23,7 @@ from datetime import timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from trustmilter.message import decode_words
+from trustmilter.received import parse_ip
 from trustmilter.types import Action, AuthStatus, Envelope
 
 if TYPE_CHECKING:
@@ -428,14 +429,9 @@ class ClientIP(Condition):
 
     def test(self, ev: Evaluation) -> bool:
         ip = ev.envelope.client_ip
-        if not ip:
+        addr = parse_ip(ip)
+        if addr is None:
             return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
         for net in self.networks:
             if addr.version == net.version and addr in net:
                 ev.note(f"client {ip} in {net}")

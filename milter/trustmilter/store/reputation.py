@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import sqlite_utils
 
 from trustmilter.store.db import Database, StateError, db_path
+from trustmilter.received import in_networks, parse_ip, parse_networks
 from trustmilter.types import Action
 
 if TYPE_CHECKING:
@@ -68,15 +69,9 @@ def normalise_identities(raw: dict[str, Any] | None) -> dict[str, Any]:
         names = sorted({str(v).strip().rstrip(".").lower() for v in values if str(v).strip()})
         if names:
             out[kind] = names
-    ip = raw.get("ip")
-    if ip:
-        try:
-            addr = ipaddress.ip_address(str(ip))
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            out["ip"] = str(addr)
-        except ValueError:
-            pass
+    addr = parse_ip(raw.get("ip"))
+    if addr is not None:
+        out["ip"] = str(addr)
     return out
 
 
@@ -136,7 +131,6 @@ def identity_keys(identities: dict[str, Any], org_domain: Callable[[str], str | 
 def skip_ip_for(trusted: list[Any]) -> Callable[[str], bool]:
     """Addresses that say nothing about a sender: not global (private, loopback, documentation)
     or one of our trusted networks/relays."""
-    from trustmilter.received import in_networks
 
     def skip(ip: str) -> bool:
         try:
@@ -151,7 +145,6 @@ def key_builder_for_config(config: "Config") -> Callable[[dict[str, Any]], list[
     """identities -> keys, as the check computes them (same PSL, same trusted networks), for
     processes without an engine (the milter's recorder, ``learn``)."""
     from trustmilter import psl
-    from trustmilter.received import parse_networks
     orgs = psl.OrgDomains.load(str(config.get("dmarc.psl_file") or "") or None)
     skip = skip_ip_for(parse_networks(config.data["trusted_networks"])
                        + parse_networks(config.data["trusted_relays"]))
