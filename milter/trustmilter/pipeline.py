@@ -92,12 +92,14 @@ def _pool() -> cf.ThreadPoolExecutor:
         return _executor
 
 
-def evaluate(envelope: Envelope, raw: bytes, engine: Engine | None = None) -> Verdict:
+def evaluate(envelope: Envelope, raw: bytes, engine: Engine | None = None,
+             message: ParsedMessage | None = None) -> Verdict:
     """Run every check on one message and decide what happens to it."""
     engine = engine or default_engine()
     started = time.perf_counter()
     config = engine.config
-    message = ParsedMessage.parse(raw)
+    # Callers that already parsed the message to build the envelope hand it over.
+    message = message if message is not None else ParsedMessage.parse(raw)
     deadline = float(config.section("dns")["deadline"])
     session = session_for(engine.resolver, deadline)
     ctx = CheckContext(envelope=envelope, message=message, dns=session, config=config,

@@ -26,9 +26,8 @@ class EnvelopeOptions:
     rcpt: tuple[str, ...] = ()
 
 
-def infer_envelope(raw: bytes, given: EnvelopeOptions, engine: Engine) -> Envelope:
+def infer_envelope(msg: ParsedMessage, given: EnvelopeOptions, engine: Engine) -> Envelope:
     """Fill what the user did not give from the message, and say what was assumed."""
-    msg = ParsedMessage.parse(raw)
     assumed: list[str] = []
     client_ip, helo = given.client_ip, given.helo
     if client_ip is None or helo is None:
@@ -63,8 +62,8 @@ def infer_envelope(raw: bytes, given: EnvelopeOptions, engine: Engine) -> Envelo
 
 
 def scan_one(label: str, raw: bytes, given: EnvelopeOptions, engine: Engine) -> dict[str, Any]:
-    envelope = infer_envelope(raw, given, engine)
-    verdict = evaluate(envelope, raw, engine)
+    message = ParsedMessage.parse(raw)
+    verdict = evaluate(infer_envelope(message, given, engine), raw, engine, message)
     return report(label, verdict)
 
 

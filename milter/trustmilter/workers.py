@@ -143,11 +143,10 @@ def _ping(delay: float) -> tuple[int, int, dict[str, str]]:
     return os.getpid(), _generation, broken
 
 
-def relay_envelope(envelope: Envelope, raw: bytes, engine: Engine) -> Envelope:
+def relay_envelope(envelope: Envelope, message: ParsedMessage, engine: Engine) -> Envelope:
     """Behind a trusted relay the SMTP client we saw is that relay: the client for SPF, iprev and
     DNSBLs is the first Received hop added by a host outside trusted_networks + trusted_relays."""
-    hop = first_untrusted_hop(ParsedMessage.parse(raw),
-                              engine.trusted_networks + engine.trusted_relays)
+    hop = first_untrusted_hop(message, engine.trusted_networks + engine.trusted_relays)
     relay = envelope.client_ip
     if hop is None or hop.ip is None:
         return dataclasses.replace(
@@ -168,7 +167,8 @@ def evaluate_in_worker(envelope: Envelope, raw: bytes) -> Verdict:
         raise RuntimeError("worker engine not initialised")
     if envelope.client_ip and engine.trusted_relays and in_networks(envelope.client_ip,
                                                                      engine.trusted_relays):
-        envelope = relay_envelope(envelope, raw, engine)
+        message = ParsedMessage.parse(raw)
+        return evaluate(relay_envelope(envelope, message, engine), raw, engine, message)
     return evaluate(envelope, raw, engine)
 
 

@@ -15,6 +15,7 @@ import Milter
 import pytest
 
 from trustmilter import server as srv
+from trustmilter.message import ParsedMessage
 from trustmilter.config import load_config
 from trustmilter.server import (Settings, TrustMilter, clean_text, fold, format_log_line,
                                 reply_codes, smtp_text)
@@ -349,11 +350,13 @@ def test_relay_envelope_takes_the_first_untrusted_hop(make_engine: Callable[...,
     raw = (b"Received: from relay.test (relay.test [198.51.100.7]) by mx\r\n"
            b"Received: from origin.example (origin.example [203.0.113.9]) by relay.test\r\n"
            b"Subject: x\r\n\r\nbody\r\n")
-    env = relay_envelope(Envelope(client_ip="198.51.100.7", helo="relay.test"), raw, engine)
+    env = relay_envelope(Envelope(client_ip="198.51.100.7", helo="relay.test"),
+                         ParsedMessage.parse(raw), engine)
     assert env.client_ip == "203.0.113.9" and env.helo == "origin.example"
     assert "trusted relay 198.51.100.7" in env.assumptions[0]
     only_relay = b"Received: from relay.test (relay.test [198.51.100.7]) by mx\r\n\r\nx\r\n"
-    env = relay_envelope(Envelope(client_ip="198.51.100.7"), only_relay, engine)
+    env = relay_envelope(Envelope(client_ip="198.51.100.7"), ParsedMessage.parse(only_relay),
+                         engine)
     assert env.client_ip is None
 
 

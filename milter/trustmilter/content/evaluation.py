@@ -65,9 +65,9 @@ def _envelope(raw: bytes, offline: bool, engine: Any) -> Any:
     from trustmilter.message import ParsedMessage
     from trustmilter.scan import EnvelopeOptions, infer_envelope
     from trustmilter.types import Envelope
-    if not offline:
-        return infer_envelope(raw, EnvelopeOptions(), engine)
     msg = ParsedMessage.parse(raw)
+    if not offline:
+        return infer_envelope(msg, EnvelopeOptions(), engine)
     return_path = (msg.get("Return-Path") or "").strip().strip("<>").strip()
     mail_from = return_path or (msg.from_addresses[0] if msg.from_addresses else "")
     return Envelope(client_ip=None, mail_from=mail_from,
