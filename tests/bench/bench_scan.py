@@ -5,11 +5,15 @@ process), and per-message latency p50/p99 from the pipeline's own timing.
 
     .venv/bin/python tests/bench/bench_scan.py [--workers N] [--limit N] [--repeat N]
     .venv/bin/python tests/bench/bench_scan.py --in-process [--limit N] [--repeat N]
+        [--split test|train|all] [--dump FILE] [--compare FILE]
 
 --in-process leaves out process start-up and each worker's engine build: it builds one engine in
 this process (the DNS sink runs in a child process so its CPU is not counted) and reports the
 CPU per message of envelope inference + ``evaluate`` alone (all threads, after 5 warm-up
-messages), the figure to hold against a per-message budget.
+messages), the figure to hold against a per-message budget. --dump writes each message's verdict (action,
+score, symbols with scores and reasons, Authentication-Results) as JSON lines; --compare reads
+such a file and fails (exit 1) on the first messages whose verdict differs: a speed change must
+leave every verdict as it was.
 
 Run on demand; not part of the test suite.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -85,7 +90,40 @@ def run(workers: int, limit: int | None, repeat: int, extra_config: str) -> dict
             "cores": os.cpu_count(), "runs": results}
 
 
-def run_in_process(limit: int | None, repeat: int) -> dict[str, object]:
+_HOURS = re.compile(r"\b\d+ h\b")
+
+
+def split_rows(split: str) -> list[tuple[Path, str]]:
+    if split == "all":
+        return corpus.messages("train") + corpus.messages("test")
+    return corpus.messages(split)
+
+
+def verdict_line(path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """What must not change when only speed changes (elapsed time left out, and the hours a
+    2002 Date lies before now in the date rules' reasons)."""
+    symbols = [dict(s, reason=_HOURS.sub("N h", s["reason"])) for s in report["symbols"]]
+    return {"file": f"{path.parent.name}/{path.name}", "action": report["action"],
+            "score": report["score"], "symbols": symbols,
+            "authentication_results": report["authentication_results"],
+            "reason": report["reason"]}
+
+
+def compare(dump: list[dict[str, Any]], path: Path) -> list[str]:
+    before = {d["file"]: d for d in map(json.loads, path.read_text().splitlines())}
+    diffs = []
+    for now in dump:
+        old = before.get(now["file"])
+        if old is not None and old != now:
+            diffs.append(f"{now['file']}:\n  before {json.dumps(old)}\n  now    {json.dumps(now)}")
+    missing = set(before) - {d["file"] for d in dump}
+    if missing and len(dump) == len(before):
+        diffs.append(f"{len(missing)} messages of {path} not scanned")
+    return diffs
+
+
+def run_in_process(limit: int | None, repeat: int, split: str = "test",
+                   dump: Path | None = None, against: Path | None = None) -> dict[str, object]:
     import multiprocessing
 
     from trustmilter.config import load_config
@@ -93,7 +131,7 @@ def run_in_process(limit: int | None, repeat: int) -> dict[str, object]:
     from trustmilter.scan import EnvelopeOptions, scan_one
 
     corpus.fetch()
-    rows = corpus.messages("test")
+    rows = split_rows(split)
     if limit:
         rows = rows[:limit]
     raws = [path.read_bytes() for path, _label in rows]
@@ -113,10 +151,13 @@ def run_in_process(limit: int | None, repeat: int) -> dict[str, object]:
             given = EnvelopeOptions()
             for raw in raws[:5]:   # warm-up: first SQLite pages, lazily built state
                 scan_one("warm-up", raw, given, engine)
+            lines: list[dict[str, Any]] = []
             for run_no in range(repeat):
                 c0, w0 = time.process_time(), time.perf_counter()
-                for raw in raws:
-                    scan_one("bench", raw, given, engine)
+                for (path, _label), raw in zip(rows, raws):
+                    report = scan_one("bench", raw, given, engine)
+                    if run_no == 0 and (dump or against):
+                        lines.append(verdict_line(path, report))
                 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
                 results.append({"run": run_no + 1, "messages": len(raws),
                                 "cpu_ms_per_msg": round(1000 * cpu / len(raws), 2),
@@ -125,9 +166,13 @@ def run_in_process(limit: int | None, repeat: int) -> dict[str, object]:
     finally:
         stop.set()
         sink.join(10)
-    return {"command": " ".join(["python", "tests/bench/bench_scan.py", "--in-process"]
-                                + ([f"--limit {limit}"] if limit else [])),
-            "engine_build_cpu_s": round(build_cpu, 2), "runs": results}
+    if dump is not None:
+        dump.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
+    differences = compare(lines, against) if against is not None else []
+    return {"command": " ".join(["python", "tests/bench/bench_scan.py", "--in-process",
+                                 f"--split {split}"] + ([f"--limit {limit}"] if limit else [])),
+            "engine_build_cpu_s": round(build_cpu, 2), "runs": results,
+            "verdicts_differing": len(differences), "differences": differences[:20]}
 
 
 def _dns_sink(ready: Any, stop: Any) -> None:
@@ -146,14 +191,22 @@ def main() -> int:
     parser.add_argument("--extra-config", default="", help="YAML appended to the bench config")
     parser.add_argument("--in-process", action="store_true",
                         help="CPU per message of evaluate alone, in this process")
+    parser.add_argument("--split", choices=("test", "train", "all"), default="test",
+                        help="--in-process: which part of the corpus (default: test)")
+    parser.add_argument("--dump", type=Path, help="--in-process: write the verdicts here")
+    parser.add_argument("--compare", type=Path,
+                        help="--in-process: fail when a verdict differs from this dump")
     args = parser.parse_args()
     if args.in_process:
-        res = run_in_process(args.limit, args.repeat)
+        res = run_in_process(args.limit, args.repeat, args.split, args.dump, args.compare)
         print(json.dumps(res, indent=2))
         best_run = min(res["runs"], key=lambda r: r["cpu_ms_per_msg"])  # type: ignore[index]
         print(f"\nevaluate in one process: {best_run['messages']} messages, "
               f"{best_run['cpu_ms_per_msg']} ms CPU/msg ({best_run['msgs_per_cpu_s']} msgs per "
               f"CPU-second); engine build {res['engine_build_cpu_s']} s CPU, not counted")
+        if args.compare is not None:
+            print(f"verdicts differing from {args.compare}: {res['verdicts_differing']}")
+            return 1 if res["verdicts_differing"] else 0
         return 0
     out = run(args.workers, args.limit, args.repeat, args.extra_config)
     print(json.dumps(out, indent=2))
