@@ -229,7 +229,7 @@ milter:
         self.run(base + [self.rows[0][0]], name="tm_scan_seed")
         cmd = base + [p for p, _label in self.rows]
         labels = dict(self.rows)
-        dns0, load = self.dns_queries(), os.getloadavg()[0]
+        dns0, load, busy0 = self.dns_queries(), os.getloadavg()[0], _system_cpu()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         stderr = open(self.out / "logs" / "tm_scan.stderr", "wb")
         t0 = time.perf_counter()
@@ -247,6 +247,7 @@ milter:
         wall = time.perf_counter() - t0
         stderr.close()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy1 = _system_cpu()
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         self.commands.append({"cmd": " ".join(base) + f" <{len(self.rows)} test-split files>",
                               "rc": rc, "wall_s": round(wall, 2)})
@@ -277,7 +278,10 @@ milter:
             "steady": {"msgs_per_s": round(steady / (wall - t_first), 1),
                        "msgs_per_cpu_s": round(steady / max(1e-9, cpu - cpu_first), 1)},
             "memory": sampler.result(), "dns_queries": self.dns_queries() - dns0,
-            "load_1m_at_start": round(load, 2), "actions": actions,
+            "load_1m_at_start": round(load, 2),
+            "system_cpu_busy_pct": round(100 * (1 - (busy1[1] - busy0[1])
+                                                / max(1, busy1[0] - busy0[0])), 1),
+            "actions": actions,
             "by_action": {"ham_not_inbox": flagged["ham"], "spam_inbox": (n - hams) - flagged["spam"],
                           "fpr_pct": round(100 * flagged["ham"] / max(1, hams), 2),
                           "fnr_pct": round(100 * ((n - hams) - flagged["spam"]) / max(1, n - hams), 2)},
@@ -522,6 +526,12 @@ milter:
         self.peer("stop_all.sh", check=False)
 
 
+def _system_cpu() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine, as scan.py and smtp_send.py read them."""
+    v = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
+    return sum(v[:8]), v[3] + v[4]
+
+
 def _train_seconds(path: Path, marker: str, how: str) -> dict[str, Any]:
     """The training time the peers' script printed (``... total 21.9 s`` / ``wall: 75.2 s``)."""
     text = path.read_text() if path.exists() else ""
@@ -667,6 +677,9 @@ def print_table(record: dict[str, Any]) -> None:
     dns = {k: v.get("dns_queries") for k, v in record["results"].items()
            if isinstance(v, dict) and "dns_queries" in v}
     print(f"DNS queries to the sink per phase: {dns}")
+    load = {k: (v.get("load_1m_at_start"), v.get("system_cpu_busy_pct"))
+            for k, v in record["results"].items() if isinstance(v, dict) and "load_1m_at_start" in v}
+    print(f"machine load per phase (1-min load average at its start, system CPU busy %): {load}")
     if record.get("error"):
         print(f"\nINCOMPLETE: {record['error']}")
 
