@@ -813,7 +813,11 @@ def main(argv: list[str] | None = None) -> int:
         record["messages"] = len(bench.rows)
         bench.tm_scan()
         if not args.no_train:
-            bench.tm_train()
+            try:
+                bench.tm_train()
+            except Exception as exc:  # noqa: BLE001 - optional figure: the run goes on
+                bench.results["train"]["trustmilter"] = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"trustmilter train failed: {exc}")
         bench.spamassassin()
         bench.rspamd()
         bench.postfix_start()
