@@ -17,7 +17,6 @@ byte into a stop (smfi_stop) or a reload, whichever thread the kernel picked.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import grp
 import ipaddress
 import json
@@ -42,7 +41,8 @@ from trustmilter.received import in_networks, parse_networks
 from trustmilter.rules.loader import load_rule_set
 from trustmilter.store.recorder import StateRecorder
 from trustmilter.types import Action, Envelope, Verdict
-from trustmilter.workers import (PoolHolder, WorkerPool, default_size, prepare_context,
+from trustmilter.workers import (EvaluationFailed, EvaluationTimeout, PoolClosed, PoolHolder,
+                                 WorkerLost, WorkerPool, default_size, prepare_context,
                                  setup_logging)
 
 log = logging.getLogger("trustmilter.server")
@@ -111,6 +111,9 @@ def reply_codes(code: str | None, xcode: str | None, default: tuple[str, str]) -
     return rcode, xcode
 
 
+_log_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _log_value(value: Any) -> str:
     text = str(value)
     if text and not re.search(r"[\s\"=\\\x00-\x1f\x7f]", text):
@@ -121,7 +124,7 @@ def _log_value(value: Any) -> str:
 def format_log_line(fields: dict[str, Any], fmt: str) -> str:
     """One line per message: key=value pairs for grep, or a JSON object."""
     if fmt == "json":
-        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        return _log_json(fields)
     return " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if v is not None)
 
 
@@ -550,7 +553,7 @@ class MilterServer:
     def start_pool(self) -> None:
         pool = self._new_pool(self.config, 1)
         pids = pool.warm_up()
-        self.holder = PoolHolder(pool, lambda gen: self._new_pool(self.config, gen))
+        self.holder = PoolHolder(pool)
         log.info("%d worker processes ready (pids %s)", pool.size, ",".join(map(str, pids)))
 
     def evaluate(self, conn: TrustMilter, envelope: Envelope, raw: bytes
@@ -562,32 +565,18 @@ class MilterServer:
         deadline = time.monotonic() + settings.eval_timeout
         last_error = ""
         for _attempt in range(2):   # a second try only after a dead worker or a swapped pool
-            pool = self.holder.pool
             try:
-                future = pool.submit(envelope, raw)
-            except RuntimeError as exc:      # pool shut down by a reload in this instant
-                last_error = f"pool unavailable: {exc}"
-                continue
-            except cf.process.BrokenProcessPool as exc:
-                self.holder.replace_broken(pool)
-                last_error = f"worker pool broken: {exc}"
-                continue
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    future.cancel()
-                    return None, f"no verdict within {settings.eval_timeout:g}s"
-                try:
-                    return future.result(timeout=min(settings.progress_interval, left)), ""
-                except cf.TimeoutError:
-                    conn.progress()   # resets the MTA's milter timeouts
-                except cf.process.BrokenProcessPool as exc:
-                    self.holder.replace_broken(pool)
-                    last_error = f"worker died: {exc}"
-                    break
-                except Exception as exc:  # noqa: BLE001 - evaluate itself failed
-                    log.error("evaluate failed: %s: %s", type(exc).__name__, exc)
-                    return None, f"evaluate failed: {type(exc).__name__}"
+                return self.holder.pool.evaluate(envelope, raw, deadline,
+                                                 settings.progress_interval, conn.progress), ""
+            except PoolClosed:          # a reload retired that pool in this instant
+                last_error = "worker pool retired by a reload"
+            except WorkerLost as exc:
+                last_error = f"worker died: {exc}"
+            except EvaluationTimeout:
+                return None, f"no verdict within {settings.eval_timeout:g}s"
+            except EvaluationFailed as exc:
+                log.error("queue_id=%s: evaluate failed: %s", envelope.queue_id, exc)
+                return None, f"evaluate failed: {str(exc).split(':', 1)[0]}"
         return None, last_error
 
     # ----- reload ---------------------------------------------------------------------------
