@@ -93,7 +93,10 @@ class TestDNSServer:
                 data, sock = self.request
                 reply = server._answer(data, "udp")
                 if reply is not None:
-                    sock.sendto(reply, self.client_address)
+                    try:
+                        sock.sendto(reply, self.client_address)
+                    except OSError:   # stopped while a delayed answer waited: drop it
+                        pass
 
         class TCPHandler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
@@ -122,14 +125,15 @@ class TestDNSServer:
         for _ in range(20):
             udp = socketserver.ThreadingUDPServer((self.host, 0), UDPHandler)
             port = udp.server_address[1]
+            tcp = socketserver.ThreadingTCPServer((self.host, port), TCPHandler,
+                                                  bind_and_activate=False)
             try:
-                tcp = socketserver.ThreadingTCPServer((self.host, port), TCPHandler,
-                                                      bind_and_activate=False)
                 tcp.allow_reuse_address = True
                 tcp.server_bind()
                 tcp.server_activate()
-            except OSError:
+            except OSError:   # that port is taken for TCP: both closed, try another
                 udp.server_close()
+                tcp.server_close()
                 continue
             break
         else:  # pragma: no cover
