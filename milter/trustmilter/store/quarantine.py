@@ -65,7 +65,7 @@ class QuarantineEntry:
     id: int | None = None
 
     def row(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = dict(vars(self))    # shallow: the lists are serialised just below
         out.pop("id")
         out["recipients"] = json.dumps(out["recipients"])
         out["symbols"] = json.dumps(out["symbols"], separators=(",", ":"))
