@@ -21,9 +21,10 @@ import logging
 import re
 import threading
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from trustmilter.content.html import html_to_text
 from trustmilter.message import ParsedMessage, decode_words
@@ -88,6 +89,32 @@ _DOMAIN_IN_TEXT = re.compile(r"(?:https?://)?((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _HEX_HOST = re.compile(r"^(?:0x[0-9a-f]+|\d{8,10})$", re.I)
 _RECEIVED_FROM_UNKNOWN = re.compile(r"from\s+\S+\s+\(\s*(?:unknown|\[)", re.I)
+
+# Per-character tests done in C: the ASCII bytes that are not letters / not upper-case letters,
+# deleted by bytes.translate so that what is left can be counted.
+_NOT_ALPHA = bytes(c for c in range(128) if not chr(c).isalpha())
+_NOT_UPPER = bytes(c for c in range(128) if not (chr(c).isalpha() and chr(c).isupper()))
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+_T = TypeVar("_T")
+
+
+def letter_counts(text: str) -> tuple[int, int, int]:
+    """(letters, upper-case letters, non-ASCII characters) in ``text``: the number of characters
+    with ``c.isalpha()``, with ``c.isalpha() and c.isupper()``, and with ``ord(c) > 127``.
+    The ASCII part is counted in C; other characters once per distinct character."""
+    ascii_part = text.encode("ascii", "ignore")     # drops exactly the characters above 127
+    letters = len(ascii_part.translate(None, _NOT_ALPHA))
+    upper = len(ascii_part.translate(None, _NOT_UPPER))
+    non_ascii = len(text) - len(ascii_part)
+    if non_ascii:
+        for char, count in Counter(_NON_ASCII.findall(text)).items():
+            if char.isalpha():
+                letters += count
+                if char.isupper():
+                    upper += count
+    return letters, upper, non_ascii
+
 
 _psl_lock = threading.Lock()
 _psl: dict[bool, Any] = {}
@@ -201,6 +228,20 @@ class MessageFeatures:
     truncated: bool = False
     defects: list[str] = field(default_factory=list)
 
+    def derived(self, name: str, compute: Callable[[], _T]) -> _T:
+        """A value computed from the text fields, computed once: the tokenizer and the model
+        both need some (the body text, its regex facts). The cache is dropped whenever one of
+        the text fields is no longer the object it was computed from."""
+        key = (self.text_plain, self.html_text, self.subject)
+        memo = self.__dict__.get("_derived")
+        if memo is None or memo[0][0] is not key[0] or memo[0][1] is not key[1] or memo[0][2] is not key[2]:
+            memo = (key, {})
+            self.__dict__["_derived"] = memo
+        values: dict[str, Any] = memo[1]
+        if name not in values:
+            values[name] = compute()
+        return values[name]  # type: ignore[no-any-return]
+
     @property
     def text(self) -> str:
         """All readable body text: plain parts, then the text of HTML parts."""
@@ -209,14 +250,15 @@ class MessageFeatures:
             # plain side is a stub ("view this mail in a browser").
             if len(self.text_plain) >= len(self.html_text) // 3:
                 return self.text_plain
-            return self.text_plain + "\n" + self.html_text
+            return self.derived("text", lambda: self.text_plain + "\n" + self.html_text)
         return self.text_plain or self.html_text
 
     @property
     def image_only(self) -> bool:
-        words = len(self.text.split())
-        image_attachments = sum(1 for a in self.attachments if a.content_type.startswith("image/"))
-        return words < 8 and (self.images > 0 or image_attachments > 0)
+        if self.images <= 0 and not any(a.content_type.startswith("image/") for a in self.attachments):
+            return False
+        # Fewer than 8 words: splitting off at most 8 leaves 8 or 9 pieces when there are more.
+        return len(self.text.split(None, 8)) < 8
 
     @property
     def link_domains(self) -> list[str]:

@@ -34,7 +34,9 @@ from sklearn.utils import murmurhash3_32
 
 from trustmilter.content.features import (ARCHIVE_EXTENSIONS, DANGEROUS_EXTENSIONS, FREEMAIL,
                                           SHORTENERS, MessageFeatures, brand_in_subdomain,
-                                          lookalike_brand)
+                                          letter_counts, lookalike_brand)
+from trustmilter.content.tokenize import (_MONEY, _URGENT, _brand_named, _owns, money,
+                                          subject_letter_counts, urgent)
 from trustmilter.errors import TrustmilterError
 
 MODEL_FILE = "model.skops"
@@ -99,13 +101,16 @@ def structural_vector(f: MessageFeatures) -> list[float]:
     mismatched = sum(1 for link in links if link.mismatched)
     text = f.text
     sample = text[:20000]
-    letters = [c for c in sample[:5000] if c.isalpha()]
-    upper = sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
-    non_ascii = (sum(1 for c in sample[:5000] if ord(c) > 127) / min(len(sample), 5000)) if sample else 0.0
-    subject_letters = [c for c in f.subject if c.isalpha()]
-    subj_upper = (sum(c.isupper() for c in subject_letters) / len(subject_letters)
-                  if len(subject_letters) >= 8 else 0.0)
-    from trustmilter.content.tokenize import _MONEY, _URGENT, _brand_named, _owns
+    letters, upper_letters, non_ascii_chars = letter_counts(sample[:5000])
+    upper = upper_letters / letters if letters else 0.0
+    non_ascii = (non_ascii_chars / min(len(sample), 5000)) if sample else 0.0
+    subject_letters, subject_upper, _n = subject_letter_counts(f)
+    subj_upper = subject_upper / subject_letters if subject_letters >= 8 else 0.0
+    if len(text) <= 20000:      # the sample is the whole text: the tokenizer's answers hold
+        has_money, is_urgent = money(f), urgent(f)
+    else:
+        has_money = _MONEY.search(sample) is not None
+        is_urgent = _URGENT.search(sample) is not None or _URGENT.search(f.subject) is not None
     brand = _brand_named(f.from_name) if f.from_name else ""
     values = {
         "links": math.log1p(n_links) / _CAPS["links"],
@@ -127,8 +132,8 @@ def structural_vector(f: MessageFeatures) -> list[float]:
         "text_length": math.log1p(len(text)) / _CAPS["text_length"],
         "upper_ratio": upper,
         "exclamations": min(1.0, sample.count("!") / 20.0),
-        "money": float(bool(_MONEY.search(sample))),
-        "urgent": float(bool(_URGENT.search(sample) or _URGENT.search(f.subject))),
+        "money": float(has_money),
+        "urgent": float(is_urgent),
         "form": float(f.forms > 0),
         "password_field": float(f.password_inputs > 0),
         "script": float(f.scripts > 0),
@@ -205,23 +210,37 @@ class ContentModel:
         fast = self._fast
         if fast is None:
             return float(self.probabilities([(features, tokens)])[0])
-        token_weights, struct_weights, intercept, cal_a, cal_b, n_features, dropped = fast
-        buckets: dict[int, int] = {}
-        for token in tokens:
-            if dropped and token.startswith(dropped):
-                continue
-            h = murmurhash3_32(token, 0)
-            index = (2147483647 - (n_features - 1)) % n_features if h == -2147483648 else abs(h) % n_features
-            buckets[index] = buckets.get(index, 0) + 1
-        decision = intercept
-        if buckets:
-            norm = math.sqrt(sum(v * v for v in buckets.values()))
-            decision += sum(float(token_weights[i]) * v for i, v in buckets.items()) / norm
+        _w, struct_weights, intercept, cal_a, cal_b, _n, _d = fast
+        decision = intercept + self.token_term(tokens)
         structural = structural_vector(features)
         weight = self.settings.structural_weight
         decision += sum(float(w) * x * weight for w, x in zip(struct_weights, structural))
         z = cal_a * decision + cal_b
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def token_term(self, tokens: Sequence[str]) -> float:
+        """The tokens' share of the decision value: the weights of their hashed columns over the
+        L2 norm of the column counts (``probability``'s fast path)."""
+        token_weights, _s, _i, _a, _b, n_features, dropped = self._fast
+        if dropped:
+            tokens = [t for t in tokens if not t.startswith(dropped)]
+        if not tokens:
+            return 0.0
+        # FeatureHasher's column: |murmurhash3_32| mod n (abs(-2**31) taken as 2**31, which is
+        # what its special case amounts to).
+        hashes = np.array([murmurhash3_32(token, 0) for token in tokens], dtype=np.int64)
+        columns = np.abs(hashes) % n_features
+        if len(set(columns.tolist())) == len(tokens):
+            # No two tokens share a column (nearly always): every count is 1, and the weights
+            # are summed one after the other in token order as the loop below does (cumsum is
+            # sequential; "0.0 +" turns a -0.0 total into the 0.0 that sum() gives).
+            total = 0.0 + float(np.cumsum(token_weights[columns].astype(np.float64))[-1])
+            return total / math.sqrt(len(tokens))
+        buckets: dict[int, int] = {}
+        for index in columns.tolist():
+            buckets[index] = buckets.get(index, 0) + 1
+        norm = math.sqrt(sum(v * v for v in buckets.values()))
+        return sum(float(token_weights[i]) * v for i, v in buckets.items()) / norm
 
     @property
     def _fast(self) -> tuple[Any, ...] | None:

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from trustmilter.content.features import (ARCHIVE_EXTENSIONS, DANGEROUS_EXTENSIONS, FREEMAIL,
                                           SHORTENERS, MessageFeatures, brand_in_subdomain,
-                                          lookalike_brand)
+                                          letter_counts, lookalike_brand)
 
 MIN_WORD = 3
 MAX_WORD = 12
@@ -88,8 +88,8 @@ def _header_tokens(f: MessageFeatures) -> Iterable[str]:
             w = raw.strip(_STRIP)
             if 0 < len(w) < MIN_WORD:
                 yield "subject:" + w
-        letters = [c for c in subject if c.isalpha()]
-        if len(letters) >= 8 and sum(c.isupper() for c in letters) / len(letters) > 0.7:
+        letters, upper, _non_ascii = subject_letter_counts(f)
+        if letters >= 8 and upper / letters > 0.7:
             yield "subject:mostly-upper"
         if subject.count("!") >= 2:
             yield "subject:bangs"
@@ -166,6 +166,22 @@ def _header_tokens(f: MessageFeatures) -> Iterable[str]:
         yield "received:unknown-rdns"
 
 
+def subject_letter_counts(f: MessageFeatures) -> tuple[int, int, int]:
+    """``letter_counts`` of the subject (the tokenizer and the model both ask)."""
+    return f.derived("subject_letters", lambda: letter_counts(f.subject))
+
+
+def money(f: MessageFeatures) -> bool:
+    """The body text names an amount of money (the tokenizer and the model both ask)."""
+    return f.derived("money", lambda: _MONEY.search(f.text) is not None)
+
+
+def urgent(f: MessageFeatures) -> bool:
+    """The body text or the subject urges (the tokenizer and the model both ask)."""
+    return f.derived("urgent", lambda: _URGENT.search(f.text) is not None
+                     or _URGENT.search(f.subject) is not None)
+
+
 def _brand_named(text: str) -> str:
     low = re.sub(r"[^a-z0-9]", "", text.lower())
     for brand in ("paypal", "microsoft", "office365", "outlook", "apple", "amazon", "netflix",
@@ -194,9 +210,9 @@ def _body_tokens(f: MessageFeatures) -> Iterable[str]:
     head = [w for w in body_words[:MAX_BIGRAM_WORDS] if not w.startswith(("skip:", "num:"))]
     for a, b in zip(head, head[1:]):
         yield f"bi:{a} {b}"
-    if _MONEY.search(text):
+    if money(f):
         yield "text:money"
-    if _URGENT.search(text) or _URGENT.search(f.subject):
+    if urgent(f):
         yield "text:urgent"
     if f.hidden_text:
         yield "html:hidden-text"
