@@ -505,6 +505,38 @@ def inet_port(spec: str) -> int | None:
     return None
 
 
+def resolve_user(spec: str) -> tuple[int, int, str]:
+    """"user" or "user:group" -> (uid, gid, user name); the group defaults to the user's own."""
+    user, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError as exc:
+        raise ConfigError(f"no such user or group: {exc.args[0]}", key="milter.user") from None
+    return entry.pw_uid, gid, entry.pw_name
+
+
+def drop_privileges(uid: int, gid: int, name: str, own: list[str]) -> None:
+    """Become ``uid``/``gid`` for good (with the user's supplementary groups), after giving the
+    paths in ``own`` (state directory and its files, the log file) to that user."""
+    for path in own:
+        if not os.path.exists(path):
+            continue
+        os.chown(path, uid, gid)
+        if os.path.isdir(path):
+            for entry in os.scandir(path):
+                if entry.is_file(follow_symlinks=False):
+                    os.chown(entry.path, uid, gid)
+    os.setgroups(os.getgrouplist(name, gid))
+    os.setgid(gid)
+    os.setuid(uid)
+    try:   # setuid as root is for good: prove that it cannot be undone
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise TrustmilterError("could not drop root privileges")
+
+
 def parse_owner(owner: str) -> tuple[int, int]:
     """"user", "user:group" or ":group" -> (uid, gid), -1 for what is not given. Empty: when we
     run as root, group postfix (if it exists) so Postfix's smtpd may connect; else unchanged."""
@@ -539,6 +571,7 @@ class MilterServer:
         self._reload_lock = threading.Lock()
         self.socket_spec = str(config.section("milter")["socket"])
         self.recorder: StateRecorder | None = None
+        self._created_socket_dir = False
 
     # ----- worker pool ----------------------------------------------------------------------
     def _worker_overrides(self, config: Config) -> dict[str, Any]:
@@ -662,7 +695,9 @@ class MilterServer:
         milter_section = self.config.section("milter")
         path = socket_path(self.socket_spec)
         if path is not None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            directory = os.path.dirname(path) or "."
+            self._created_socket_dir = not os.path.isdir(directory)
+            os.makedirs(directory, exist_ok=True)
         old_umask = os.umask(0o177)   # no window in which the socket is more open than asked
         try:
             libmilter.opensocket(True)   # True: remove a stale socket left by a crash
@@ -677,7 +712,42 @@ class MilterServer:
                 os.chown(path, uid, gid)
             os.chmod(path, int(str(milter_section["socket_mode"]), 8))
 
+    def _become_user(self) -> None:
+        """Root opened the socket; everything after (forkserver, workers, state writer) runs as
+        milter.user. Without one, running as root is only warned about."""
+        spec = str(self.config.section("milter")["user"])
+        if os.geteuid() != 0:
+            return
+        if not spec:
+            log.warning("running as root: set milter.user (or --user) so that nothing that reads "
+                        "mail runs as root")
+            return
+        uid, gid, name = resolve_user(spec)
+        state = str(self.config.get("state.dir") or "")
+        if state:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+        log_file = str(self.config.section("milter")["log_file"])
+        path = socket_path(self.socket_spec)
+        own = [p for p in (state, log_file) if p]
+        if path is not None and self._created_socket_dir:
+            own.append(os.path.dirname(path))   # so that we can remove the socket at exit
+        drop_privileges(uid, gid, name, own)
+        log.info("running as user %s (uid %d, gid %d)", name, uid, gid)
+
     def run(self) -> int:
+        # 0. As root: open the socket, then become milter.user before anything else starts.
+        TrustMilter.server = self
+        Milter.factory = TrustMilter
+        self._register()
+        try:
+            self._open_socket()
+        except (libmilter.error, OSError) as exc:
+            raise TrustmilterError(f"cannot listen on {self.socket_spec}: {exc}") from None
+        try:
+            self._become_user()
+        except BaseException:
+            self._remove_socket()
+            raise
         # 1. Processes that must not inherit a blocked mask, before blocking.
         self._mp_context = prepare_context()
         # 2. Handlers first (a thread that already exists may take a signal at any moment), then
@@ -694,19 +764,12 @@ class MilterServer:
         try:
             self.start_pool()
         except Exception as exc:  # noqa: BLE001
+            self._remove_socket()
             raise TrustmilterError(f"worker processes could not start: {type(exc).__name__}: "
                                    f"{exc} (see the log above)") from None
         assert self.holder is not None
         threading.Thread(target=self._control_loop, args=(read_fd,), name="control",
                          daemon=True).start()
-        TrustMilter.server = self
-        Milter.factory = TrustMilter
-        self._register()
-        try:
-            self._open_socket()
-        except (libmilter.error, OSError) as exc:
-            self.holder.pool.shutdown(wait=False)
-            raise TrustmilterError(f"cannot listen on {self.socket_spec}: {exc}") from None
         log.info("listening on %s (authserv-id %s)", self.socket_spec, self.settings.authserv_id)
         try:
             libmilter.main()   # returns on SIGTERM/SIGINT/SIGHUP after connections end
@@ -715,14 +778,19 @@ class MilterServer:
             self.holder.pool.shutdown(wait=True)
             if self.recorder is not None:
                 self.recorder.close(10)
-            path = socket_path(self.socket_spec)
-            if path is not None:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            self._remove_socket()
             log.info("stopped")
         return 0
+
+    def _remove_socket(self) -> None:
+        path = socket_path(self.socket_spec)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except PermissionError:   # a directory we may not write in after the switch
+                log.warning("could not remove the socket %s: permission denied", path)
 
     def _register(self) -> None:
         """What Milter.runmilter does, minus opening the socket (we set its owner and mode)."""
@@ -756,11 +824,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         milter_over["log_file"] = args.log_file
     if args.log_format:
         milter_over["log_format"] = args.log_format
+    if args.user is not None:
+        milter_over["user"] = args.user
     if milter_over:
         overrides["milter"] = milter_over
     config_path = resolve_config_path(args.config)
     config = load_config(config_path, overrides)
     Settings.from_config(config)   # validate before anything starts
+    if str(config.section("milter")["user"]) and os.geteuid() == 0:
+        resolve_user(str(config.section("milter")["user"]))   # a typo fails now, not later
     log_setup = {"log_file": str(config.section("milter")["log_file"]),
                  "level": logging.DEBUG if getattr(args, "verbose", False) else logging.INFO}
     setup_logging(**log_setup)
@@ -783,6 +855,9 @@ def register_cli(subparsers: Any) -> None:
     serve.add_argument("--log-file", default=None, help="log file (default: standard error)")
     serve.add_argument("--log-format", choices=("text", "json"), default=None,
                        help="per-message log line format (default: config milter.log_format)")
+    serve.add_argument("--user", default=None, metavar="USER[:GROUP]",
+                       help="when started as root, become this user once the socket is open "
+                            "(default: config milter.user)")
     serve.set_defaults(func=cmd_serve)
 
 

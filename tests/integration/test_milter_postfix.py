@@ -568,6 +568,73 @@ def test_chrooted_postfix_with_the_documented_socket(dns: TestDNSServer) -> None
         pf.destroy()
 
 
+def _ids(pid: int) -> tuple[int, int]:
+    """(real uid, real gid) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))   # type: ignore[union-attr]
+    gid = int(re.search(r"^Gid:\s+(\d+)", status, re.M).group(1))   # type: ignore[union-attr]
+    return uid, gid
+
+
+def test_started_as_root_it_becomes_milter_user_once_the_socket_is_open(
+        dns: TestDNSServer) -> None:
+    """Debian's layout again, started as root with milter.user: root creates the socket's
+    directory in Postfix's queue directory and the socket (group postfix, 0660), then the
+    milter and every process it starts (forkserver, workers) run as that user; the state it
+    writes belongs to that user; a clean stop still removes the socket."""
+    import grp
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch users")
+    blocked = [str(d) for d in (Path(sys.executable).resolve(), Path(sys.base_prefix).resolve())
+               for d in [d, *d.parents] if not d.stat().st_mode & 0o001]
+    if blocked:   # e.g. a pyenv Python under /root (0700); contrib/bootstrap uses /usr/bin/python3
+        pytest.skip(f"this Python cannot be run by another user ({blocked[0]} is closed to "
+                    "others): make the venv from /usr/bin/python3")
+    nobody = pwd.getpwnam("nobody")
+    pf = PostfixInstance.create(chroot=True, milters="unix:trustmilter/trustmilter.sock")
+    sock = pf.queue_dir / "trustmilter" / "trustmilter.sock"
+    workdir = pf.base / "milter"
+    proc = MilterProcess(workdir, milter_config(dns, workdir / "trustmilter.log",
+                                                socket_owner="", user="nobody"), f"unix:{sock}")
+    try:
+        proc.start()
+        assert "running as user nobody" in proc.log_file_text()
+        info = sock.stat()
+        assert info.st_gid == grp.getgrnam("postfix").gr_gid and info.st_mode & 0o777 == 0o660
+        everyone = [proc.pid] + proc.children()
+        assert len(everyone) >= 4, everyone   # milter, forkserver, resource tracker, workers
+        for pid in everyone:
+            assert _ids(pid) == (nobody.pw_uid, nobody.pw_gid), (pid, _ids(pid))
+        pf.start()
+        msgid, raw = make_message("alice@good.test")
+        send(pf, raw, "alice@good.test")
+        ours = our_authres(pf.find_delivered(msgid))
+        assert len(ours) == 1 and "spf=pass" in ours[0]
+        state = Path(proc.config["state"]["dir"])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (state / "history.sqlite").exists():
+            time.sleep(0.2)   # the state writer works off the SMTP path
+        for path in [state, *state.iterdir()]:
+            assert path.stat().st_uid == nobody.pw_uid, path
+        assert proc.stop() == 0, proc.log_text()[-3000:]
+        assert not sock.exists()   # the directory we created was given to the user
+    finally:
+        proc.stop()
+        pf.destroy()
+
+
+def test_an_unknown_milter_user_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "trustmilter.cli", "serve", "--socket",
+                          f"unix:{tmp_path}/s.sock", "--user", "no-such-user-here"],
+                         capture_output=True, text=True, timeout=60)
+    if os.geteuid() != 0:
+        pytest.skip("the user is only switched to (and checked) when started as root")
+    assert res.returncode == 2, res.stderr
+    assert "milter.user" in res.stderr and "no-such-user-here" in res.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
 def test_local_submission_through_non_smtpd_milters(pf: PostfixInstance,
                                                     milter: MilterProcess) -> None:
     """Mail from the sendmail command (pickup -> cleanup -> milter) has no network client: it
