@@ -5,6 +5,8 @@ non-ASCII and mixed scripts, lone surrogates, empty and huge texts, hash collisi
 from __future__ import annotations
 
 import math
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from sklearn.utils import murmurhash3_32
 
 from trustmilter.content import analyze
 from trustmilter.content.features import Limits, MessageFeatures, letter_counts
+from trustmilter.content.tokenize import _MONEY, _URGENT, _URLS, emails, has_money, is_urgent
 from trustmilter.content.model import (STRUCTURAL_FEATURES, ContentModel, FeatureSettings,
                                        structural_vector)
 from trustmilter.message import ParsedMessage
@@ -101,7 +104,6 @@ def _reference_probability(model: ContentModel, features: MessageFeatures, token
 
 def _reference_structural_vector(f: MessageFeatures) -> list[float]:
     """structural_vector before its character counts and regex answers were shared."""
-    from trustmilter.content.tokenize import _MONEY, _URGENT
     sample = f.text[:20000]
     letters = [c for c in sample[:5000] if c.isalpha()]
     upper = sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
@@ -170,3 +172,52 @@ def test_structural_vector_equals_the_reference() -> None:
     rows.append((MessageFeatures(text_plain="y" * 19990 + " confirm", html_text="z" * 70000), []))
     for features, _tokens in rows:
         assert structural_vector(features) == _reference_structural_vector(features)
+
+
+# ---- the tokenizer's regular expressions ------------------------------------------------------
+_OLD_URLS = re.compile(r"(?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>\"']+", re.I)
+_OLD_EMAILS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
+
+# Letters of the patterns in both cases, the characters re.I folds onto them (ſ İ ı K), word
+# and non-word neighbours, so that random strings hit the edges of the rewritten searches.
+_PIECES = ["http://", "HTTPS://", "hxxp://", "hTtPſ://", "ftp://", "FtP://", "www.", "WwW.", "ww.",
+           "a@b.co", "x.y+z@mail.example.org", "@", "@@", ".", "-", "_", "+", " ", "\n", "\t", "<",
+           ">", "'", '"', "İ", "ı", "ſ", "K", "ü", "日本", "5", "$", "€", "£", " usd", "EUR", "btc",
+           "urgent", "URGENT", "Immediately", "suspended", "verify", "confirm", "expires", "locked",
+           "unusual activity", "Unusual Sign-In", "unusual signin", "within 24 hours",
+           "action required", "xconfirm", "confirmx", "a", "Z", "0"]
+_tricky = st.lists(st.sampled_from(_PIECES), max_size=40).map("".join)
+
+
+def _check_tokenizer_regexes(text: str) -> None:
+    assert _URLS.sub(" ", text) == _OLD_URLS.sub(" ", text)
+    assert emails(text) == (_OLD_EMAILS.findall(text), _OLD_EMAILS.sub(" ", text))
+    assert is_urgent(text) == (_URGENT.search(text) is not None)
+    assert has_money(text) == (_MONEY.search(text) is not None)
+
+
+@given(_tricky)
+@settings(max_examples=1500, deadline=None)
+def test_tokenizer_regexes_match_the_plain_ones_on_tricky_text(text: str) -> None:
+    _check_tokenizer_regexes(text)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=500, deadline=None)
+def test_tokenizer_regexes_match_the_plain_ones_on_any_text(text: str) -> None:
+    _check_tokenizer_regexes(text)
+
+
+@pytest.mark.parametrize("text", [t for t in TRICKY_TEXTS if len(t) < 10000] + [   # the old regex is quadratic
+    "a@b.com+x@c.org", "a@b.com.+x@c.org", "a@b@c.com", "x@@y.com", "@a.com", "a@", "a@b",
+    "me@host.example.", "first.last@sub.example.co.uk, second@example.net", "İconfirm", "conİrm",
+    "confırm", "ſuspend", "locKed", "LOCKED", "ǅ urgent", "urgent" * 3, "" + "a" * 5000 + "@x.org"])
+def test_tokenizer_regexes_on_edge_cases(text: str) -> None:
+    _check_tokenizer_regexes(text)
+
+
+def test_address_search_is_linear_in_a_long_run() -> None:
+    text = "a" * 60000 + "@" + "b" * 60000 + "@@x.org " + "c." * 30000   # was seconds per pass
+    started = time.process_time()
+    assert emails(text) == ([], text)
+    assert time.process_time() - started < 0.5

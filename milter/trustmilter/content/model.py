@@ -35,8 +35,8 @@ from sklearn.utils import murmurhash3_32
 from trustmilter.content.features import (ARCHIVE_EXTENSIONS, DANGEROUS_EXTENSIONS, FREEMAIL,
                                           SHORTENERS, MessageFeatures, brand_in_subdomain,
                                           letter_counts, lookalike_brand)
-from trustmilter.content.tokenize import (_MONEY, _URGENT, _brand_named, _owns, money,
-                                          subject_letter_counts, urgent)
+from trustmilter.content.tokenize import (_brand_named, _owns, has_money, is_urgent, money,
+                                          subject_letter_counts, urgent, urgent_subject)
 from trustmilter.errors import TrustmilterError
 
 MODEL_FILE = "model.skops"
@@ -107,10 +107,10 @@ def structural_vector(f: MessageFeatures) -> list[float]:
     subject_letters, subject_upper, _n = subject_letter_counts(f)
     subj_upper = subject_upper / subject_letters if subject_letters >= 8 else 0.0
     if len(text) <= 20000:      # the sample is the whole text: the tokenizer's answers hold
-        has_money, is_urgent = money(f), urgent(f)
+        money_named, urges = money(f), urgent(f)
     else:
-        has_money = _MONEY.search(sample) is not None
-        is_urgent = _URGENT.search(sample) is not None or _URGENT.search(f.subject) is not None
+        money_named = has_money(sample)
+        urges = is_urgent(sample) or urgent_subject(f)
     brand = _brand_named(f.from_name) if f.from_name else ""
     values = {
         "links": math.log1p(n_links) / _CAPS["links"],
@@ -132,8 +132,8 @@ def structural_vector(f: MessageFeatures) -> list[float]:
         "text_length": math.log1p(len(text)) / _CAPS["text_length"],
         "upper_ratio": upper,
         "exclamations": min(1.0, sample.count("!") / 20.0),
-        "money": float(has_money),
-        "urgent": float(is_urgent),
+        "money": float(money_named),
+        "urgent": float(urges),
         "form": float(f.forms > 0),
         "password_field": float(f.password_inputs > 0),
         "script": float(f.scripts > 0),

@@ -22,13 +22,26 @@ MAX_WORD = 12
 MAX_BODY_WORDS = 4000        # bounds the cost of one message
 MAX_BIGRAM_WORDS = 600       # word pairs from the start of the body only
 _STRIP = "\"'`.,;:!?()[]{}<>*_=+|~^-/\\"
-_URLS = re.compile(r"(?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>\"']+", re.I)
+# "http(s)://", "hxxp(s)://", "ftp://" or "www." in any case. Written with character classes
+# rather than re.I, and one class first, so that the regex engine skips to the possible first
+# letters instead of trying a match at every position. It matches what
+# (?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>"']+ matches with re.I: "ſ" (U+017F) is the one
+# character beyond ASCII that re.I takes for one of these letters (for "s").
+_URLS = re.compile(r"[hHfFwW](?:(?<=[hH])(?:[tT][tT]|[xX][xX])[pP][sS\u017f]?://|(?<=[fF])[tT][pP]://"
+                   r"|(?<=[wW])[wW][wW]\.)[^\s<>\"']+")
 _EMAILS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
 _NUMBERISH = re.compile(r"^[\d.,:/-]+$")
 _MONEY = re.compile(r"[$€£]\s?\d|\d\s?(?:usd|eur|btc|eth|usdt)\b", re.I)
 _URGENT = re.compile(r"\b(?:urgent|immediately|suspend(?:ed)?|verify|confirm|expire[sd]?|"
                      r"locked|unusual (?:activity|sign-?in)|within 24 hours|action required)\b", re.I)
+# How every _URGENT match begins, in lower case; and the characters re.I matches to a letter
+# although their lower() is another string (İ lowers to two characters, ı and ſ to themselves).
+_URGENT_STARTS = ("urgent", "immediately", "suspend", "verify", "confirm", "expire", "locked",
+                  "unusual ", "within 24 hours", "action required")
+_CASE_ODD = ("\u0130", "\u0131", "\u017f")
+_MONEY_SYMBOL = re.compile(r"[$€£]\s?\d", re.I)                      # _MONEY's two branches, each
+_MONEY_CODE = re.compile(r"\d\s?(?:usd|eur|btc|eth|usdt)\b", re.I)  # starting with a class
 
 
 def _bucket(n: int) -> str:
@@ -171,15 +184,73 @@ def subject_letter_counts(f: MessageFeatures) -> tuple[int, int, int]:
     return f.derived("subject_letters", lambda: letter_counts(f.subject))
 
 
+def has_money(text: str) -> bool:
+    """``_MONEY.search(text)`` found something: a match of either branch, searched apart, as the
+    engine skips ahead to a branch's first character class but not to an alternation's."""
+    return _MONEY_SYMBOL.search(text) is not None or _MONEY_CODE.search(text) is not None
+
+
+def is_urgent(text: str) -> bool:
+    """``_URGENT.search(text)`` found something. Every match begins with one of _URGENT_STARTS in
+    some case, so the regex is only tried where str.find sees one in the lower-cased text (the
+    regex tries every position itself, \\b first). lower() keeps positions, and equals re.I's
+    matching of these letters, unless one of _CASE_ODD is there: then the regex alone."""
+    if any(odd in text for odd in _CASE_ODD):
+        return _URGENT.search(text) is not None
+    low = text.lower()
+    for start in _URGENT_STARTS:
+        at = low.find(start)
+        while at >= 0:
+            if _URGENT.match(text, at):
+                return True
+            at = low.find(start, at + 1)
+    return False
+
+
 def money(f: MessageFeatures) -> bool:
     """The body text names an amount of money (the tokenizer and the model both ask)."""
-    return f.derived("money", lambda: _MONEY.search(f.text) is not None)
+    return f.derived("money", lambda: has_money(f.text))
 
 
 def urgent(f: MessageFeatures) -> bool:
     """The body text or the subject urges (the tokenizer and the model both ask)."""
-    return f.derived("urgent", lambda: _URGENT.search(f.text) is not None
-                     or _URGENT.search(f.subject) is not None)
+    return f.derived("urgent", lambda: is_urgent(f.text) or urgent_subject(f))
+
+
+def urgent_subject(f: MessageFeatures) -> bool:
+    return f.derived("urgent_subject", lambda: is_urgent(f.subject))
+
+
+def emails(text: str) -> tuple[list[str], str]:
+    """(the domains of the addresses in ``text``, ``text`` with each address replaced by a
+    space): what _EMAILS.findall and _EMAILS.sub(" ", ...) give, from one pass that starts at
+    each "@" instead of trying the regex at every position (quadratic in the length of a run
+    of word characters: seconds for one 60 000-character line).
+
+    A match has exactly one "@" (neither part can hold one), and its local part is the whole
+    run of [\\w.+-] characters before that "@", cut at the end of the previous match, where the
+    regex resumes its search: so the regex is tried once per "@", from that run's start."""
+    domains: list[str] = []
+    pieces: list[str] = []
+    done = 0          # end of the previous match
+    at = text.find("@")
+    while at >= 0:
+        start = at
+        while start > done and (text[start - 1].isalnum() or text[start - 1] in "_.+-"):
+            start -= 1
+        match = _EMAILS.match(text, start) if start < at else None
+        if match is None:
+            at = text.find("@", at + 1)
+            continue
+        domains.append(match.group(1))
+        pieces.append(text[done:start])
+        pieces.append(" ")
+        done = match.end()
+        at = text.find("@", done)
+    if not pieces:
+        return domains, text
+    pieces.append(text[done:])
+    return domains, "".join(pieces)
 
 
 def _brand_named(text: str) -> str:
@@ -201,9 +272,9 @@ def _body_tokens(f: MessageFeatures) -> Iterable[str]:
     text = f.text
     yield "text:len:" + _len_bucket(len(text))
     stripped = _URLS.sub(" ", text)
-    for domain in _EMAILS.findall(stripped)[:30]:
+    domains, stripped = emails(stripped)
+    for domain in domains[:30]:
         yield "email:" + domain.lower()
-    stripped = _EMAILS.sub(" ", stripped)
     body_words = words(stripped)
     yield from body_words
     # Sparse bigrams from the start of the text catch phrases ("click here", "dear friend").
