@@ -2,6 +2,7 @@
 handed to us by a trusted relay). Received headers are prepended, so the first one is ours."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -10,8 +11,35 @@ from trustmilter.message import ParsedMessage
 
 # "from HELO (rdns [1.2.3.4])" / "from HELO ([IPv6:2001:db8::1])" / "from HELO (1.2.3.4)"
 _FROM = re.compile(r"^\s*from\s+(\S+)", re.IGNORECASE)
+_BY = re.compile(r"\sby\s", re.IGNORECASE)
 _BRACKET_IP = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
 _PAREN_IP = re.compile(r"\(\s*(?:[^()\s]*\s+)?\[?((?:\d{1,3}\.){3}\d{1,3})\]?")
+
+# The same few addresses are parsed many times per message (Received hops, then SPF, DNSBL,
+# rules and reputation each read the client IP): parsing is pure, so it is done once per text.
+_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _canonical(text: str) -> str | None:
+    addr = _address(text)
+    return None if addr is None else str(addr)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _unwrapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    addr = _address(text)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
 
 
 @dataclass(frozen=True)
@@ -26,14 +54,13 @@ def parse_received(value: str) -> Hop:
     helo = helo_match.group(1) if helo_match else None
     ip = None
     # Only the "from" clause describes the sending host; stop at " by ".
-    from_clause = re.split(r"\sby\s", value, maxsplit=1, flags=re.IGNORECASE)[0]
+    by = _BY.search(value)
+    from_clause = value[:by.start()] if by else value
     for pattern in (_BRACKET_IP, _PAREN_IP):
         for candidate in pattern.findall(from_clause):
-            try:
-                ip = str(ipaddress.ip_address(candidate))
+            ip = _canonical(candidate)
+            if ip:
                 break
-            except ValueError:
-                continue
         if ip:
             break
     return Hop(helo=helo, ip=ip, header=value)
@@ -44,13 +71,7 @@ def parse_ip(ip: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     clients) unwrapped to IPv4; None when ``ip`` is empty or not an address."""
     if not ip:
         return None
-    try:
-        addr = ipaddress.ip_address(str(ip))
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
+    return _unwrapped(str(ip))
 
 
 def in_networks(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
