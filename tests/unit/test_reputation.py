@@ -120,6 +120,32 @@ def test_identity_keys_networks_and_skips() -> None:
     assert identity_keys({"ip": IP}, None, skip_ip_for([ipaddress.ip_network("81.2.0.0/16")])) == []
 
 
+def test_memoised_keys_are_the_keys_and_cannot_be_changed_through_a_result() -> None:
+    from trustmilter.store.reputation import ip_keys
+    first = ip_keys(IP)
+    first.append("junk")                       # a caller's list is its own
+    assert ip_keys(IP) == [f"ip:{IP}", "net:81.2.69.0/24"]
+    assert ip_keys("2a00:1450:4001:81c::2005") == ["net:2a00:1450:4001:81c::/64"]
+    skip = skip_ip_for([])
+    # The same answers however often asked (the skip test is memoised per trusted list).
+    assert [skip(ip) for ip in (IP, "10.1.2.3", IP, "not an ip", "10.1.2.3")] == [
+        False, True, False, True, True]
+
+
+def test_keys_for_an_engine_are_the_recorders_keys(make_engine) -> None:
+    from trustmilter.checks.reputation import keys_for
+    from trustmilter.psl import OrgDomains
+    from trustmilter.received import parse_networks
+    engine = make_engine({"trusted_networks": ["127.0.0.0/8", "81.2.69.0/24"]})
+    orgs = OrgDomains.load()
+    skip = skip_ip_for(parse_networks(["127.0.0.0/8", "81.2.69.0/24"]))
+    for ids in ({"dkim": ["mail.sender-corp.co.uk"], "dmarc": ["sender-corp.co.uk"], "ip": IP},
+                {"spf": ["a.b.example.com"], "ip": "198.51.100.7"},
+                {"ip": "81.2.69.9"}, {"dkim": ["co.uk"]}, {}):
+        for _ in range(2):                     # first time and memoised
+            assert keys_for(engine, ids) == identity_keys(ids, orgs.registrable_domain, skip)
+
+
 def test_identities_from_our_authentication_results_only() -> None:
     value = authresults.build("mx.test.example", [
         SPFAuthenticationResult(result="pass", smtp_mailfrom="bounce@Sender-Corp.com"),

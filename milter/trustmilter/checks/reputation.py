@@ -16,6 +16,7 @@ An unauthenticated From never counts: no DMARC pass, no From key.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from dataclasses import dataclass, field
@@ -61,13 +62,21 @@ def identities_from_results(results: Mapping[str, Any], envelope: Envelope) -> d
     return normalise_identities(found)
 
 
+_KEY_PARTS = "reputation.key_parts"
+
+
 def keys_for(engine: "Engine", ids: dict[str, Any]) -> list[str]:
     """The reputation keys of identities, as the recorder computes them."""
-    from trustmilter import psl
-    orgs = psl.for_engine(engine)       # (engine.cached is not re-entrant: no nesting)
-    skip = engine.cached("reputation.skip_ip",
-                         lambda: skip_ip_for(engine.trusted_networks + engine.trusted_relays))
-    return identity_keys(ids, orgs.registrable_domain, skip)
+    parts = engine.state.get(_KEY_PARTS)   # set once below, then only read
+    if parts is None:
+        from trustmilter import psl
+        orgs = psl.for_engine(engine)       # (engine.cached is not re-entrant: no nesting)
+        skip = skip_ip_for(engine.trusted_networks + engine.trusted_relays)
+        # The PSL lookup is pure and the same sender domains come back: memoised.
+        org_domain = functools.lru_cache(maxsize=4096)(orgs.registrable_domain)
+        parts = engine.cached(_KEY_PARTS, lambda: (org_domain, skip))
+    org_domain, skip = parts
+    return identity_keys(ids, org_domain, skip)
 
 
 @dataclass

@@ -22,6 +22,7 @@ reputation check in every worker) use a short busy timeout.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -64,6 +65,8 @@ def normalise_identities(raw: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in DOMAIN_KINDS:
         values = raw.get(kind) or []
+        if not values:
+            continue
         if isinstance(values, str):
             values = [values]
         names = sorted({str(v).strip().rstrip(".").lower() for v in values if str(v).strip()})
@@ -130,8 +133,10 @@ def identity_keys(identities: dict[str, Any], org_domain: Callable[[str], str | 
 
 def skip_ip_for(trusted: list[Any]) -> Callable[[str], bool]:
     """Addresses that say nothing about a sender: not global (private, loopback, documentation)
-    or one of our trusted networks/relays."""
+    or one of our trusted networks/relays. Memoised: ``is_global`` tests the address against
+    a dozen reserved networks, and the same clients come back."""
 
+    @functools.lru_cache(maxsize=4096)
     def skip(ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
@@ -152,10 +157,15 @@ def key_builder_for_config(config: "Config") -> Callable[[dict[str, Any]], list[
 
 
 def ip_keys(ip: str) -> list[str]:
+    return list(_ip_keys(ip))
+
+
+@functools.lru_cache(maxsize=4096)   # a network object per message was most of the check's cost
+def _ip_keys(ip: str) -> tuple[str, ...]:
     addr = ipaddress.ip_address(ip)
     if addr.version == 4:
-        return [f"ip:{addr}", f"net:{ipaddress.ip_network(f'{addr}/24', strict=False)}"]
-    return [f"net:{ipaddress.ip_network(f'{addr}/64', strict=False)}"]
+        return (f"ip:{addr}", f"net:{ipaddress.ip_network(f'{addr}/24', strict=False)}")
+    return (f"net:{ipaddress.ip_network(f'{addr}/64', strict=False)}",)
 
 
 def expand_key(text: str) -> list[str]:
