@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,11 @@ from sklearn.utils import murmurhash3_32
 
 from trustmilter.content import analyze
 from trustmilter.content.features import Limits, MessageFeatures, letter_counts
-from trustmilter.content.tokenize import _MONEY, _URGENT, _URLS, emails, has_money, is_urgent
 from trustmilter.content.model import (STRUCTURAL_FEATURES, ContentModel, FeatureSettings,
                                        structural_vector)
+from trustmilter.content.tokenize import (_CJK, _MONEY, _NUMBERISH, _STRIP, _URGENT, _URLS, _attachment_tokens,
+                                          _body_tokens, _header_tokens, _link_tokens, emails, has_money,
+                                          is_urgent, tokenize, words)
 from trustmilter.message import ParsedMessage
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -221,3 +224,56 @@ def test_address_search_is_linear_in_a_long_run() -> None:
     started = time.process_time()
     assert emails(text) == ([], text)
     assert time.process_time() - started < 0.5
+
+
+def _reference_words(text: str, limit: int = 4000) -> list[str]:
+    out: list[str] = []
+    for raw in text.lower().split()[:limit]:
+        word = raw.strip(_STRIP)
+        if not word.isascii():
+            cjk = _CJK.findall(word)
+            if cjk:
+                for run in cjk:
+                    out.extend(run[i:i + 2] for i in range(max(1, len(run) - 1)))
+                continue
+        n = len(word)
+        if n < 3:
+            continue
+        if n > 12:
+            out.append(f"skip:{word[0]} {n // 10 * 10}")
+            continue
+        if _NUMBERISH.match(word):
+            out.append("num:" + str(min(len(word), 9)))
+            continue
+        out.append(word)
+    return out
+
+
+_WORD_PIECES = ["a", "Ab", "word", "WORDS", "supercalifragilistic", "12", "123", "1.000,00", "-12:30",
+                "3/4/2024", "٣٤٥", "²³⁴", "½", "日本語", "テキスト", "한국어", "ü", "İ", "Σ", "(x)", "...",
+                "'quoted'", "skip:a", "num:3", "-", "/", "\\", " ", "  ", "\n", "\t", "\u00a0", "\u3000",
+                "\ud800"]
+
+
+@given(st.lists(st.sampled_from(_WORD_PIECES), max_size=60).map("".join), st.integers(1, 50))
+@settings(max_examples=1500, deadline=None)
+def test_words_equal_the_plain_loop(text: str, limit: int) -> None:
+    assert words(text, limit) == _reference_words(text, limit)
+    assert words(text) == _reference_words(text)
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_words_on_tricky_texts(text: str) -> None:
+    assert words(text) == _reference_words(text)
+
+
+def test_tokens_are_distinct_in_first_seen_order_and_utf8() -> None:
+    f = MessageFeatures(subject="Hello hello \udcff\udcfe", text_plain="hello world hello \ud800abc world")
+    tokens = tokenize(f)
+    reference: dict[str, None] = {}
+    for token in chain(_header_tokens(f), _body_tokens(f), _link_tokens(f), _attachment_tokens(f)):
+        reference.setdefault(token, None)
+    expected = [t.encode("utf-8", "replace").decode("utf-8") for t in reference]
+    assert tokens == expected and any("?" in t for t in tokens)
+    for token in tokens:
+        token.encode("utf-8")

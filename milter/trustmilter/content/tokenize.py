@@ -11,6 +11,7 @@ Scripts written without spaces (CJK) are cut into character pairs.
 from __future__ import annotations
 
 import re
+from itertools import chain, repeat
 from typing import Iterable
 
 from trustmilter.content.features import (ARCHIVE_EXTENSIONS, DANGEROUS_EXTENSIONS, FREEMAIL,
@@ -68,9 +69,11 @@ def words(text: str, limit: int = MAX_BODY_WORDS) -> list[str]:
     """Body words as SpamBayes cuts them (lower case, punctuation stripped, 3..12 chars);
     longer words become "skip:" tokens, CJK runs character pairs."""
     out: list[str] = []
-    for raw in text.lower().split()[:limit]:
-        word = raw.strip(_STRIP)
-        if not word.isascii():
+    append = out.append
+    low = text.lower()
+    all_ascii = low.isascii()       # then no word needs the CJK test
+    for word in map(str.strip, low.split()[:limit], repeat(_STRIP)):
+        if not all_ascii and not word.isascii():
             cjk = _CJK.findall(word)
             if cjk:   # scripts without spaces: character pairs stand in for words
                 for run in cjk:
@@ -80,12 +83,14 @@ def words(text: str, limit: int = MAX_BODY_WORDS) -> list[str]:
         if n < MIN_WORD:
             continue
         if n > MAX_WORD:
-            out.append(f"skip:{word[0]} {n // 10 * 10}")
+            append(f"skip:{word[0]} {n // 10 * 10}")
             continue
-        if _NUMBERISH.match(word):
-            out.append("num:" + str(min(len(word), 9)))
+        # Stripping removed any leading ".,:/-", so a number starts with a digit (\d is
+        # str.isdecimal): the regex is only needed for the few words that do.
+        if word[0].isdecimal() and _NUMBERISH.match(word):
+            append("num:" + str(min(n, 9)))
             continue
-        out.append(word)
+        append(word)
     return out
 
 
@@ -268,50 +273,46 @@ def _owns(brand: str, rd: str) -> bool:
     return rd in BRANDS.get(brand, ())
 
 
-def _body_tokens(f: MessageFeatures) -> Iterable[str]:
+def _body_tokens(f: MessageFeatures) -> list[str]:
     text = f.text
-    yield "text:len:" + _len_bucket(len(text))
+    out = ["text:len:" + _len_bucket(len(text))]
     stripped = _URLS.sub(" ", text)
     domains, stripped = emails(stripped)
-    for domain in domains[:30]:
-        yield "email:" + domain.lower()
+    out.extend(["email:" + domain.lower() for domain in domains[:30]])
     body_words = words(stripped)
-    yield from body_words
+    out.extend(body_words)
     # Sparse bigrams from the start of the text catch phrases ("click here", "dear friend").
     head = [w for w in body_words[:MAX_BIGRAM_WORDS] if not w.startswith(("skip:", "num:"))]
-    for a, b in zip(head, head[1:]):
-        yield f"bi:{a} {b}"
+    out.extend([f"bi:{a} {b}" for a, b in zip(head, head[1:])])
     if money(f):
-        yield "text:money"
+        out.append("text:money")
     if urgent(f):
-        yield "text:urgent"
+        out.append("text:urgent")
     if f.hidden_text:
-        yield "html:hidden-text"
-        for w in words(f.hidden_text, 200):
-            yield "hidden:" + w
+        out.append("html:hidden-text")
+        out.extend(["hidden:" + w for w in words(f.hidden_text, 200)])
     if f.html_present:
-        yield "html:yes"
+        out.append("html:yes")
         if not f.text_plain:
-            yield "html:only"
+            out.append("html:only")
         if f.html_title:
-            for w in words(f.html_title, 20):
-                yield "title:" + w
+            out.extend(["title:" + w for w in words(f.html_title, 20)])
     if f.image_only:
-        yield "body:image-only"
+        out.append("body:image-only")
     if f.images:
-        yield "html:images:" + _bucket(f.images)
+        out.append("html:images:" + _bucket(f.images))
     if f.tracking_pixels:
-        yield "html:tracking-pixel"
+        out.append("html:tracking-pixel")
     if f.forms:
-        yield "html:form"
+        out.append("html:form")
     if f.password_inputs:
-        yield "html:password-field"
+        out.append("html:password-field")
     if f.scripts:
-        yield "html:script"
+        out.append("html:script")
     if f.iframes:
-        yield "html:iframe"
-    for w in words(f.image_alt, 40):
-        yield "alt:" + w
+        out.append("html:iframe")
+    out.extend(["alt:" + w for w in words(f.image_alt, 40)])
+    return out
 
 
 def _link_tokens(f: MessageFeatures) -> Iterable[str]:
@@ -381,11 +382,10 @@ def _attachment_tokens(f: MessageFeatures) -> Iterable[str]:
 
 def tokenize(f: MessageFeatures) -> list[str]:
     """The distinct tokens of one message, in first-seen order."""
-    seen: dict[str, None] = {}
-    for source in (_header_tokens(f), _body_tokens(f), _link_tokens(f), _attachment_tokens(f)):
-        for token in source:
-            seen.setdefault(token, None)
-    out = list(seen)
+    out = list(dict.fromkeys(chain(_header_tokens(f), _body_tokens(f), _link_tokens(f),
+                                   _attachment_tokens(f))))
+    if "".join(out).isascii():
+        return out
     # Lone surrogates (undecodable bytes that slipped through) cannot be stored as UTF-8.
     for i, token in enumerate(out):
         if not token.isascii():
