@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+import re2
+
 from trustmilter.message import decode_words
 from trustmilter.received import parse_ip
 from trustmilter.types import Action, AuthStatus, Envelope
@@ -30,10 +32,34 @@ if TYPE_CHECKING:
     from trustmilter.checks.base import CheckResult
     from trustmilter.checks.outcomes import DKIMOutcome
     from trustmilter.content.features import Attachment, Link, MessageFeatures
-    from trustmilter.message import ParsedMessage
+    from trustmilter.message import Header as MessageHeader, ParsedMessage
 
 # Longest text a note (why a rule fired) quotes from the message.
 _NOTE_CHARS = 60
+
+# Imported on first use, not at module load: trustmilter.checks imports the rules check, which
+# imports this module. Kept here because an import statement inside a test costs about a
+# microsecond each time, and conditions run tens of times per message.
+_OUTCOMES: tuple[type, type, type, type] | None = None
+_FEATURES: Any = None
+
+
+def _outcome_types() -> tuple[type, type, type, type]:
+    """(ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome)."""
+    global _OUTCOMES
+    if _OUTCOMES is None:
+        from trustmilter.checks.outcomes import ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome
+        _OUTCOMES = (ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome)
+    return _OUTCOMES
+
+
+def _features_module() -> Any:
+    """trustmilter.content.features (FREEMAIL, brands, registered domains)."""
+    global _FEATURES
+    if _FEATURES is None:
+        import trustmilter.content.features as module
+        _FEATURES = module
+    return _FEATURES
 
 
 def _snippet(data: bytes | str) -> str:
@@ -53,21 +79,56 @@ def _encode(text: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Matching text
 # ---------------------------------------------------------------------------------------------
+# The binding's RE2 object and anchor, when this google-re2 has them (1.1 does): one call to
+# RE2::Match per search instead of the wrapper's generator and match object (about half the
+# cost of a search on a header-sized text).
+_UNANCHORED: Any = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+
+
+def _raw_match(pattern: Any) -> Callable[..., Any] | None:
+    regexp = getattr(pattern, "_regexp", None)
+    match = getattr(regexp, "Match", None)
+    return match if callable(match) and _UNANCHORED is not None else None
+
+
 class Matcher:
     """One RE2 pattern built from a spec's ``regex``/``contains``/``equals`` alternatives (any
     of them matches), matched against UTF-8 bytes. ``min_count`` asks for that many
-    non-overlapping matches in one text."""
+    non-overlapping matches in one text.
 
-    __slots__ = ("pattern", "min_count", "source")
+    ``literals``: the UTF-8 of
+    the ``contains`` strings when the spec is nothing else and is case-sensitive; then the
+    pattern is an alternation of those strings, and a byte search finds the same first match
+    (leftmost, the earlier alternative at a tie, as RE2 does) several times faster."""
 
-    def __init__(self, pattern: Any, min_count: int, source: str) -> None:
+    __slots__ = ("pattern", "min_count", "source", "literals", "_match")
+
+    def __init__(self, pattern: Any, min_count: int, source: str,
+                 literals: tuple[bytes, ...] | None = None) -> None:
         self.pattern = pattern
         self.min_count = min_count
         self.source = source
+        self.literals = literals if literals and all(literals) else None
+        self._match = _raw_match(pattern)
 
     def find(self, data: bytes) -> str | None:
         """A short quote of the first match, or None when the text does not match enough."""
+        literals = self.literals
+        if literals is not None:
+            if self.min_count <= 1:
+                first, found = -1, b""
+                for literal in literals:
+                    at = data.find(literal)
+                    if at >= 0 and (first < 0 or at < first):
+                        first, found = at, literal
+                return None if first < 0 else _snippet(found)
+            if len(literals) == 1:   # non-overlapping occurrences, as RE2's finditer counts
+                literal = literals[0]
+                return _snippet(literal) if data.count(literal) >= self.min_count else None
         if self.min_count <= 1:
+            if self._match is not None:
+                start, end = self._match(_UNANCHORED, data, 0, len(data))[0]
+                return None if start < 0 else _snippet(data[start:end])
             match = self.pattern.search(data)
             return None if match is None else _snippet(match.group(0))
         first: str | None = None
@@ -118,15 +179,20 @@ class Evaluation:
         self.results = results
         self._features_factory = features
         self._features: MessageFeatures | None = None
-        self._headers: dict[str, list[str]] | None = None
-        self._raw_headers: dict[str, list[str]] | None = None
+        # Headers by lower-case name, built once; values are unfolded (and RFC 2047 decoded,
+        # and UTF-8 encoded for RE2) only for the names some rule asks about.
+        self._by_name: dict[str, list[MessageHeader]] | None = None
+        self._values: dict[tuple[str, bool], list[str]] = {}
+        self._data: dict[tuple[str, bool], list[bytes]] = {}
         self._text: dict[str, bytes] = {}
         self._symbols: frozenset[str] | None = None
+        self._sorted_symbols: list[str] | None = None
+        self._reference_time: float | None = None
         self._now = now
         self.memo: dict[str, bool] = {}      # rule name -> fired (for rules naming rules)
         self.rule_notes: dict[str, list[str]] = {}   # rule name -> why it fired
         self.notes: list[str] = []           # why the rule being evaluated matched
-        self.facts: dict[str, float | bool] | None = None   # MessageFacts, computed once
+        self._facts: dict[str, Any] = {}     # MessageFacts, each computed once
 
     # views ------------------------------------------------------------------------------------
     @property
@@ -135,21 +201,41 @@ class Evaluation:
             self._features = self._features_factory()
         return self._features
 
-    def header_values(self, lname: str, raw: bool) -> list[str]:
-        if raw:
-            if self._raw_headers is None:
-                self._raw_headers = {}
-                for h in self.message.headers:
-                    self._raw_headers.setdefault(h.lname, []).append(h.value)
-            return self._raw_headers.get(lname, [])
-        if self._headers is None:
-            self._headers = {}
+    def _headers_named(self, lname: str) -> list["MessageHeader"]:
+        by_name = self._by_name
+        if by_name is None:
+            by_name = self._by_name = {}
             for h in self.message.headers:
-                self._headers.setdefault(h.lname, []).append(decode_words(h.value))
-        return self._headers.get(lname, [])
+                name = h.name.lower()
+                found = by_name.get(name)
+                if found is None:
+                    by_name[name] = [h]
+                else:
+                    found.append(h)
+        return by_name.get(lname, [])
+
+    def header_values(self, lname: str, raw: bool) -> list[str]:
+        """Every value of header ``lname``, in message order: unfolded (``raw``), or also RFC
+        2047 decoded."""
+        key = (lname, raw)
+        values = self._values.get(key)
+        if values is None:
+            headers = self._headers_named(lname)
+            values = [h.value for h in headers] if raw else [decode_words(h.value)
+                                                             for h in headers]
+            self._values[key] = values
+        return values
+
+    def header_data(self, lname: str, raw: bool) -> list[bytes]:
+        """``header_values`` as the UTF-8 bytes RE2 matches."""
+        key = (lname, raw)
+        data = self._data.get(key)
+        if data is None:
+            data = self._data[key] = [_encode(v) for v in self.header_values(lname, raw)]
+        return data
 
     def has_header(self, lname: str) -> bool:
-        return bool(self.header_values(lname, raw=True))
+        return bool(self._headers_named(lname))
 
     def text(self, part: str) -> bytes:
         data = self._text.get(part)
@@ -174,6 +260,12 @@ class Evaluation:
             self._symbols = frozenset(s.name for r in self.results.values() for s in r.symbols)
         return self._symbols
 
+    @property
+    def sorted_symbols(self) -> list[str]:
+        if self._sorted_symbols is None:
+            self._sorted_symbols = sorted(self.symbols)
+        return self._sorted_symbols
+
     def outcome(self, check: str, kind: type) -> Any:
         result = self.results.get(check)
         outcome = getattr(result, "outcome", None)
@@ -184,6 +276,14 @@ class Evaluation:
         if self._now is None:
             self._now = time.time()
         return self._now
+
+    def fact(self, name: str) -> Any:
+        """A ``message`` fact (see MESSAGE_FACTS_*), computed on first use."""
+        facts = self._facts
+        if name in facts:
+            return facts[name]
+        value = facts[name] = _FACT_GETTERS[name](self.features, self.message)
+        return value
 
     def note(self, text: str) -> None:
         if len(self.notes) < 8:
@@ -274,8 +374,8 @@ class Header(Condition):
                 return True
             return False
         for name in self.names:
-            for value in ev.header_values(name, self.raw):
-                hit = self.matcher.find_text(value)
+            for data in ev.header_data(name, self.raw):
+                hit = self.matcher.find(data)
                 if hit is not None:
                     ev.note(f"{name}: {hit!r}")
                     return True
@@ -356,14 +456,13 @@ def _domain_in(host: str, registered: str, domains: frozenset[str]) -> bool:
 def imitated_brand(registered: str) -> str:
     """The brand a registered domain imitates, or "". A brand's name on another public suffix
     (google.de, amazon.fr) is the brand's own country domain, not an imitation."""
-    from trustmilter.content.features import lookalike_brand
-    brand = lookalike_brand(registered) if registered else ""
+    brand = _features_module().lookalike_brand(registered) if registered else ""
     return "" if brand and registered.split(".", 1)[0] == brand else brand
 
 
 def _is_lookalike(host: str, registered: str) -> bool:
-    from trustmilter.content.features import brand_in_subdomain
-    return bool(imitated_brand(registered) or brand_in_subdomain(host, registered))
+    return bool(imitated_brand(registered)
+                or _features_module().brand_in_subdomain(host, registered))
 
 
 class Url(Condition):
@@ -511,8 +610,7 @@ class Auth(Condition):
         self.t = t
 
     def test(self, ev: Evaluation) -> bool:
-        # Imported here: trustmilter.checks imports the rules check, which imports this module.
-        from trustmilter.checks.outcomes import ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome
+        ARCOutcome, DKIMOutcome, DMARCOutcome, SPFOutcome = _outcome_types()
         t = self.t
         notes = []
         if t.spf:
@@ -592,7 +690,7 @@ class Symbol_(Condition):
             ev.note(f"symbol {name}")
             return True
         if self.prefixes:
-            for name in sorted(present):
+            for name in ev.sorted_symbols:
                 if name.startswith(self.prefixes):
                     ev.note(f"symbol {name}")
                     return True
@@ -635,7 +733,7 @@ _NAME_DOMAIN = re.compile(r"(?:^|[\s<(\"'@])((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-
 
 def name_domains(display_name: str) -> list[str]:
     """Registered domains named in a From display name."""
-    from trustmilter.content.features import registered_domain
+    registered_domain = _features_module().registered_domain
     out = []
     for match in _NAME_DOMAIN.finditer(display_name[:200]):
         rd = registered_domain(match.group(1))
@@ -653,7 +751,7 @@ class From(Condition):
         self.t = t
 
     def test(self, ev: Evaluation) -> bool:
-        from trustmilter.content.features import FREEMAIL
+        FREEMAIL = _features_module().FREEMAIL
         f = ev.features
         t = self.t
         notes = []
@@ -712,7 +810,7 @@ class ReplyTo(Condition):
         self.t = t
 
     def test(self, ev: Evaluation) -> bool:
-        from trustmilter.content.features import FREEMAIL
+        FREEMAIL = _features_module().FREEMAIL
         f = ev.features
         t = self.t
         for rd in f.reply_to_rds:
@@ -746,7 +844,14 @@ def _parse_date(value: str) -> float | None:
 def reference_time(ev: Evaluation) -> float:
     """When the message reached us: the date of the newest Received header (ours, or our
     relay's), else now. Comparing with it keeps ``scan`` of old mail meaningful, as
-    SpamAssassin's DATE_IN_PAST/FUTURE rules do."""
+    SpamAssassin's DATE_IN_PAST/FUTURE rules do. Computed once per message (several date
+    rules ask)."""
+    if ev._reference_time is None:
+        ev._reference_time = _reference_time(ev)
+    return ev._reference_time
+
+
+def _reference_time(ev: Evaluation) -> float:
     for value in ev.header_values("received", raw=True)[:1]:
         if ";" in value:
             stamp = _parse_date(value.rsplit(";", 1)[1].strip())
@@ -792,32 +897,32 @@ class Date(Condition):
         return False
 
 
-def _message_facts(f: "MessageFeatures", raw_size: int) -> dict[str, float | bool]:
-    text = f.text.strip()
-    return {
-        "size": raw_size,
-        "text_chars": len(text),
-        "plain_chars": len(f.text_plain.strip()),
-        "html_chars": len(f.html_text.strip()),
-        "hidden_chars": len(f.hidden_text.strip()),
-        "html_only": f.html_present and not f.text_plain.strip(),
-        "image_only": f.image_only,
-        "multipart": f.content_type.startswith("multipart/"),
-        "parts": len(f.part_types),
-        "images": f.images,
-        "tracking_pixels": f.tracking_pixels,
-        "forms": f.forms,
-        "password_inputs": f.password_inputs,
-        "scripts": f.scripts,
-        "iframes": f.iframes,
-        "links": len(f.links),
-        "link_domains": len(f.link_domains),
-        "attachments": len(f.attachments),
-        "to_count": f.to_count,
-        "cc_count": f.cc_count,
-        "received_hops": f.received_hops,
-        "truncated": f.truncated,
-    }
+# Each fact from the features and the parsed message. Computed one at a time when a rule asks
+# (Evaluation.fact): most messages need a few, and some (image_only, text lengths) are not free.
+_FACT_GETTERS: dict[str, Callable[["MessageFeatures", "ParsedMessage"], Any]] = {
+    "size": lambda f, m: len(m.raw),
+    "text_chars": lambda f, m: len(f.text.strip()),
+    "plain_chars": lambda f, m: len(f.text_plain.strip()),
+    "html_chars": lambda f, m: len(f.html_text.strip()),
+    "hidden_chars": lambda f, m: len(f.hidden_text.strip()),
+    "html_only": lambda f, m: f.html_present and not f.text_plain.strip(),
+    "image_only": lambda f, m: f.image_only,
+    "multipart": lambda f, m: f.content_type.startswith("multipart/"),
+    "parts": lambda f, m: len(f.part_types),
+    "images": lambda f, m: f.images,
+    "tracking_pixels": lambda f, m: f.tracking_pixels,
+    "forms": lambda f, m: f.forms,
+    "password_inputs": lambda f, m: f.password_inputs,
+    "scripts": lambda f, m: f.scripts,
+    "iframes": lambda f, m: f.iframes,
+    "links": lambda f, m: len(f.links),
+    "link_domains": lambda f, m: len(f.link_domains),
+    "attachments": lambda f, m: len(f.attachments),
+    "to_count": lambda f, m: f.to_count,
+    "cc_count": lambda f, m: f.cc_count,
+    "received_hops": lambda f, m: f.received_hops,
+    "truncated": lambda f, m: f.truncated,
+}
 
 
 MESSAGE_FACTS_BOOL = frozenset({"html_only", "image_only", "multipart", "truncated"})
@@ -837,17 +942,15 @@ class MessageFacts(Condition):
         self.ranges = dict(ranges)
 
     def test(self, ev: Evaluation) -> bool:
-        facts = ev.facts
-        if facts is None:
-            facts = ev.facts = _message_facts(ev.features, len(ev.message.raw))
+        fact = ev.fact
         for name, want in self.bools.items():
-            if facts[name] != want:
+            if fact(name) != want:
                 return False
         for name, rng in self.ranges.items():
-            if facts[name] not in rng:
+            if fact(name) not in rng:
                 return False
         ev.note(", ".join([f"{n}" for n, v in self.bools.items() if v]
-                          + [f"{n}={facts[n]:g}" for n in self.ranges]))
+                          + [f"{n}={fact(n):g}" for n in self.ranges]))
         return True
 
 

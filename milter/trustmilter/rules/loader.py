@@ -481,6 +481,7 @@ def _matcher(mapping: dict[str, Any], where: _Where, line: int | None, key: str,
     string or a list: any of them), ``nocase`` (default false), ``min_count`` (default 1)."""
     alternatives: list[str] = []
     shown: list[str] = []
+    contained: list[bytes] = []
     for kind in ("regex", "contains", "equals"):
         if kind not in mapping:
             continue
@@ -496,6 +497,7 @@ def _matcher(mapping: dict[str, Any], where: _Where, line: int | None, key: str,
                 alternatives.append(f"(?:{text})")
             elif kind == "contains":
                 alternatives.append(re2.escape(text))
+                contained.append(text.encode("utf-8"))
             else:
                 alternatives.append(rf"\A(?:{re2.escape(text)})\z")
             shown.append(f"{kind} {text!r}")
@@ -506,7 +508,9 @@ def _matcher(mapping: dict[str, Any], where: _Where, line: int | None, key: str,
     nocase = _bool(mapping, "nocase", where, line, key) or False
     min_count = _count(mapping, "min_count", where, line, key)
     pattern = _compile("|".join(alternatives), nocase, where, line, key)
-    return Matcher(pattern, min_count, "; ".join(shown))
+    # Only case-sensitive "contains" strings: plain byte search finds what the pattern finds.
+    literals = tuple(contained) if len(contained) == len(alternatives) and not nocase else None
+    return Matcher(pattern, min_count, "; ".join(shown), literals=literals)
 
 
 def _compile(pattern: str, nocase: bool, where: _Where, line: int | None, key: str) -> Any:
