@@ -96,18 +96,19 @@ class Matcher:
     of them matches), matched against UTF-8 bytes. ``min_count`` asks for that many
     non-overlapping matches in one text.
 
-    ``literals``: the UTF-8 of
+    ``nocase`` is how ``pattern`` was compiled (an RE2 set needs it). ``literals``: the UTF-8 of
     the ``contains`` strings when the spec is nothing else and is case-sensitive; then the
     pattern is an alternation of those strings, and a byte search finds the same first match
     (leftmost, the earlier alternative at a tie, as RE2 does) several times faster."""
 
-    __slots__ = ("pattern", "min_count", "source", "literals", "_match")
+    __slots__ = ("pattern", "min_count", "source", "nocase", "literals", "_match")
 
-    def __init__(self, pattern: Any, min_count: int, source: str,
+    def __init__(self, pattern: Any, min_count: int, source: str, nocase: bool = False,
                  literals: tuple[bytes, ...] | None = None) -> None:
         self.pattern = pattern
         self.min_count = min_count
         self.source = source
+        self.nocase = nocase
         self.literals = literals if literals and all(literals) else None
         self._match = _raw_match(pattern)
 
@@ -162,6 +163,78 @@ class Range:
 
 
 # ---------------------------------------------------------------------------------------------
+# Many patterns over one text
+# ---------------------------------------------------------------------------------------------
+# A body part read by at least this many RE2-searched patterns gets a PatternSet: on the test
+# split the shipped rules' 15 patterns on "text" cost ~12 us/msg as one set against ~75 us one by
+# one, while a set of one or two patterns is slower than searching them.
+SET_MIN_PATTERNS = 3
+_NOT_RUN: Any = object()
+
+
+class PatternSet:
+    """The patterns of the ``body`` conditions that read one part, as one RE2::Set: a single
+    pass over the text tells which of them occur anywhere in it. A condition whose pattern is
+    not among them cannot match and is decided without a search; the others search as before
+    (for the quote and ``min_count``), so results are the same as without the set.
+
+    Linear time like any RE2 match. RE2::Set has no fallback when its DFA runs out of memory
+    (it then reports no match at all): pattern 0 matches every text, so an answer without it
+    means "unknown" and every condition searches on its own."""
+
+    def __init__(self, part: str, matchers: Sequence[Matcher], max_mem: int) -> None:
+        self.part = part
+        options = re2.Options()
+        options.log_errors = False
+        options.never_capture = True
+        options.max_mem = max_mem
+        regex_set = re2.Set.SearchSet(options)
+        regex_set.Add(b"")                 # the always-matching witness, index 0
+        for matcher in matchers:
+            source = matcher.pattern.pattern
+            if isinstance(source, str):
+                source = source.encode("utf-8")
+            # The same pattern under the same flags; case folding inline, as nocase compiled it.
+            regex_set.Add((b"(?i:" if matcher.nocase else b"(?:") + source + b")")
+        regex_set.Compile()
+        self._set = regex_set
+
+    def match(self, data: bytes) -> frozenset[int] | None:
+        """Indexes (from 1, in the order given) of the patterns that occur in ``data``; None
+        when the set could not tell."""
+        found = self._set.Match(data)
+        if not found or 0 not in found:
+            return None
+        return frozenset(found)
+
+
+def build_pattern_sets(conditions: Iterable["Condition"], max_mem_each: int) -> list[PatternSet]:
+    """Give every ``body`` condition among ``conditions`` whose part has enough RE2-searched
+    patterns its slot in that part's PatternSet (``max_mem_each`` per pattern, the memory the
+    patterns would have had one by one). A set RE2 cannot build leaves its conditions
+    searching on their own."""
+    by_part: dict[str, list[Body]] = {}
+    for condition in conditions:
+        if isinstance(condition, Body):
+            condition.slot = None
+            if condition.matcher.literals is None:
+                by_part.setdefault(condition.part, []).append(condition)
+    sets = []
+    for part, bodies in by_part.items():
+        if len(bodies) < SET_MIN_PATTERNS:
+            continue
+        try:
+            pattern_set = PatternSet(part, [b.matcher for b in bodies],
+                                     max_mem_each * len(bodies))
+        except re2.error:
+            continue
+        for index, body in enumerate(bodies, start=1):
+            body.slot = (pattern_set, index)
+        sets.append(pattern_set)
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------
 # The per-message view
 # ---------------------------------------------------------------------------------------------
 BODY_PARTS = ("text", "all", "plain", "html", "hidden")
@@ -185,6 +258,7 @@ class Evaluation:
         self._values: dict[tuple[str, bool], list[str]] = {}
         self._data: dict[tuple[str, bool], list[bytes]] = {}
         self._text: dict[str, bytes] = {}
+        self._set_hits: dict[PatternSet, frozenset[int] | None] = {}
         self._symbols: frozenset[str] | None = None
         self._sorted_symbols: list[str] | None = None
         self._reference_time: float | None = None
@@ -253,6 +327,15 @@ class Evaluation:
                 value = "\n".join(t for t in (f.text_plain, f.html_text, f.hidden_text) if t)
             data = self._text[part] = _encode(value)
         return data
+
+    def may_match(self, slot: tuple["PatternSet", int]) -> bool:
+        """False when pattern ``slot[1]`` of set ``slot[0]`` occurs nowhere in that set's body
+        part (one pass of the set over the text answers for all its patterns)."""
+        pattern_set, index = slot
+        hits = self._set_hits.get(pattern_set, _NOT_RUN)
+        if hits is _NOT_RUN:
+            hits = self._set_hits[pattern_set] = pattern_set.match(self.text(pattern_set.part))
+        return hits is None or index in hits
 
     @property
     def symbols(self) -> frozenset[str]:
@@ -388,8 +471,12 @@ class Body(Condition):
     def __init__(self, part: str, matcher: Matcher) -> None:
         self.part = part
         self.matcher = matcher
+        # (the RE2 set of this part's patterns, this pattern's index in it): see PatternSet.
+        self.slot: tuple[PatternSet, int] | None = None
 
     def test(self, ev: Evaluation) -> bool:
+        if self.slot is not None and not ev.may_match(self.slot):
+            return False
         hit = self.matcher.find(ev.text(self.part))
         if hit is None:
             return False
@@ -995,9 +1082,13 @@ class RuleSet:
     sources: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     disabled: list[Rule] = field(default_factory=list)
+    regex_max_mem: int = 4 << 20     # rules.limits.regex_max_mem, for the PatternSets
 
     def __post_init__(self) -> None:
         self.by_name = {r.name: r for r in self.rules}
+        # Each body condition once, even when several rules share it.
+        conditions = {id(c): c for r in self.rules for c in walk(r.condition)}
+        self.pattern_sets = build_pattern_sets(conditions.values(), self.regex_max_mem)
 
     def __len__(self) -> int:
         return len(self.rules)

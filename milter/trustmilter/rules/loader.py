@@ -188,7 +188,8 @@ def rule_set_from_sources(shipped: dict[str, str], local: dict[str, str],
     ordered = list(merged.values())
     rule_set = RuleSet(rules=[r for r in ordered if r.enabled],
                        sources={**shipped, **local}, files=[*shipped, *local],
-                       disabled=[r for r in ordered if not r.enabled])
+                       disabled=[r for r in ordered if not r.enabled],
+                       regex_max_mem=limits.regex_max_mem)
     return rule_set
 
 
@@ -510,7 +511,7 @@ def _matcher(mapping: dict[str, Any], where: _Where, line: int | None, key: str,
     pattern = _compile("|".join(alternatives), nocase, where, line, key)
     # Only case-sensitive "contains" strings: plain byte search finds what the pattern finds.
     literals = tuple(contained) if len(contained) == len(alternatives) and not nocase else None
-    return Matcher(pattern, min_count, "; ".join(shown), literals=literals)
+    return Matcher(pattern, min_count, "; ".join(shown), nocase=nocase, literals=literals)
 
 
 def _compile(pattern: str, nocase: bool, where: _Where, line: int | None, key: str) -> Any:
