@@ -4,6 +4,8 @@ bit-for-bit equal to a plain reference implementation (the code it replaced) on 
 non-ASCII and mixed scripts, lone surrogates, empty and huge texts, hash collisions."""
 from __future__ import annotations
 
+import email
+import email.policy
 import math
 import re
 import time
@@ -18,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils import murmurhash3_32
 
 from trustmilter.content import analyze
-from trustmilter.content.features import Limits, MessageFeatures, letter_counts
+from trustmilter.content.features import _URL_IN_TEXT, Limits, MessageFeatures, _mime_tree, letter_counts
 from trustmilter.content.model import (STRUCTURAL_FEATURES, ContentModel, FeatureSettings,
                                        structural_vector)
 from trustmilter.content.tokenize import (_CJK, _MONEY, _NUMBERISH, _STRIP, _URGENT, _URLS, _attachment_tokens,
@@ -179,6 +181,7 @@ def test_structural_vector_equals_the_reference() -> None:
 
 # ---- the tokenizer's regular expressions ------------------------------------------------------
 _OLD_URLS = re.compile(r"(?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>\"']+", re.I)
+_OLD_URL_IN_TEXT = re.compile(r"""(?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>"'()\[\]{}]+""", re.I)
 _OLD_EMAILS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 
 # Letters of the patterns in both cases, the characters re.I folds onto them (ſ İ ı K), word
@@ -187,13 +190,14 @@ _PIECES = ["http://", "HTTPS://", "hxxp://", "hTtPſ://", "ftp://", "FtP://", "w
            "a@b.co", "x.y+z@mail.example.org", "@", "@@", ".", "-", "_", "+", " ", "\n", "\t", "<",
            ">", "'", '"', "İ", "ı", "ſ", "K", "ü", "日本", "5", "$", "€", "£", " usd", "EUR", "btc",
            "urgent", "URGENT", "Immediately", "suspended", "verify", "confirm", "expires", "locked",
-           "unusual activity", "Unusual Sign-In", "unusual signin", "within 24 hours",
+           "unusual activity", "Unusual Sign-In", "unusual signin", "within 24 hours", "(", ")", "[", "}",
            "action required", "xconfirm", "confirmx", "a", "Z", "0"]
 _tricky = st.lists(st.sampled_from(_PIECES), max_size=40).map("".join)
 
 
 def _check_tokenizer_regexes(text: str) -> None:
     assert _URLS.sub(" ", text) == _OLD_URLS.sub(" ", text)
+    assert _URL_IN_TEXT.findall(text) == _OLD_URL_IN_TEXT.findall(text)
     assert emails(text) == (_OLD_EMAILS.findall(text), _OLD_EMAILS.sub(" ", text))
     assert is_urgent(text) == (_URGENT.search(text) is not None)
     assert has_money(text) == (_MONEY.search(text) is not None)
@@ -277,3 +281,74 @@ def test_tokens_are_distinct_in_first_seen_order_and_utf8() -> None:
     assert tokens == expected and any("?" in t for t in tokens)
     for token in tokens:
         token.encode("utf-8")
+
+
+# ---- the MIME tree from the headers ParsedMessage already split ------------------------------
+_LINE_ENDS = ["\r\n", "\n", "\r", "\r\r\n", "\n\r\n"]
+_HEADER_LINES = ["Subject: hi", "Subject:no space", "Subject :spaced", "Subject\t: tab", "From: a@b.example",
+                 "From a@b Sat Jan  1 00:00:00 2000", ": no name", "X-\u00e9: latin", "Bad line",
+                 " continued", "\tcontinued", "  ", "", "To: x@y.example,\r\n z@w.example",
+                 "Content-Type: text/plain; charset=utf-8", "Content-Type: text/html",
+                 "Content-Type: multipart/alternative; boundary=b1", "Content-Type: message/rfc822",
+                 "Content-Type: multipart/mixed", "Content-Transfer-Encoding: base64",
+                 "Content-Transfer-Encoding: quoted-printable", "Content-Disposition: attachment; filename=a.exe",
+                 "X-Value: a :) b", "X-Value: \u00fc\u00df \udcff"]
+_BODY_LINES = ["", "hello world", "From the body", "--b1", "Content-Type: text/plain", "--b1--",
+               "aGVsbG8gd29ybGQ=", "caf=C3=A9 =\r", "<p>x</p>", "\u00e9t\u00e9"]
+
+
+@st.composite
+def _raw_messages(draw: st.DrawFn) -> tuple[bytes, int]:
+    lines = draw(st.lists(st.sampled_from(_HEADER_LINES), max_size=8))
+    ends = draw(st.lists(st.sampled_from(_LINE_ENDS), min_size=len(lines) + 1, max_size=len(lines) + 1))
+    head = "".join(line + end for line, end in zip(lines, ends))
+    body = "".join(line + draw(st.sampled_from(_LINE_ENDS))
+                   for line in draw(st.lists(st.sampled_from(_BODY_LINES), max_size=6)))
+    separator = draw(st.sampled_from(["", "\r\n", "\n", "\r"]))
+    raw = (head + separator + body).encode("utf-8", "surrogateescape")
+    return raw, draw(st.integers(0, len(raw) + 1))
+
+
+def _assert_same_tree(raw: bytes, limit: int) -> None:
+    prefix = raw[:limit]
+    ours = _mime_tree(ParsedMessage.parse(raw), prefix)
+    stdlib = email.message_from_bytes(prefix, policy=email.policy.compat32)
+    assert ours.items() == stdlib.items()
+    assert ours.get_content_type() == stdlib.get_content_type()
+    assert ours.is_multipart() == stdlib.is_multipart()
+    if not stdlib.is_multipart():
+        assert ours.get_payload() == stdlib.get_payload()
+        assert ours.get_payload(decode=True) == stdlib.get_payload(decode=True)
+    assert [p.get_content_type() for p in ours.walk()] == [p.get_content_type() for p in stdlib.walk()]
+
+
+@given(_raw_messages())
+@settings(max_examples=2500, deadline=None)
+def test_mime_tree_equals_the_stdlib_parser(case: tuple[bytes, int]) -> None:
+    _assert_same_tree(*case)
+
+
+@pytest.mark.parametrize("raw", [
+    b"From a\nFrom b\n\nbody", b"From a\nFrom b\nX: y\n\nbody", b"From a\nX: y\nFrom b\n\nbody",
+    b"\r\n\r\nbody", b"\n\nbody", b"X: y\r\r\n\r\nbody", b"X : y\n\nbody", b"X: y\n \n\nbody",
+    b"X: y", b"X: y\r", b"X: y\r\n", b"", b"Content-Type: multipart/mixed; boundary=b\n\n--b\n\nx\n--b--\n"])
+def test_mime_tree_on_edge_cases(raw: bytes) -> None:
+    for limit in range(len(raw) + 1):
+        _assert_same_tree(raw, limit)
+
+
+def test_mime_tree_on_the_fixtures_and_cut_headers() -> None:
+    paths = sorted(FIXTURES.glob("**/*.eml"))
+    assert len(paths) > 20
+    for path in paths:
+        raw = path.read_bytes()
+        for limit in (len(raw), 10, 100, 400, 2000):
+            _assert_same_tree(raw, limit)
+
+
+def test_mime_tree_skips_the_stdlib_header_parser_for_a_plain_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = b"From: a@b.example\r\nSubject: hi\r\n\tthere\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
+    monkeypatch.setattr(email, "message_from_bytes", None)      # would raise if called
+    tree = _mime_tree(ParsedMessage.parse(raw), raw)
+    assert tree.items() == [("From", "a@b.example"), ("Subject", "hi\r\n\tthere"), ("Content-Type", "text/plain")]
+    assert tree.get_payload() == "body\r\n"

@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Callable, TypeVar
 
 from trustmilter.content.html import html_to_text
-from trustmilter.message import ParsedMessage, decode_words
+from trustmilter.message import Header, ParsedMessage, decode_words
 
 log = logging.getLogger("trustmilter.content")
 
@@ -84,7 +84,12 @@ BRANDS = {
     "steamcommunity.com"}, "irs": {"irs.gov"}, "hmrc": {"gov.uk"},
 }
 
-_URL_IN_TEXT = re.compile(r"""(?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>"'()\[\]{}]+""", re.I)
+# (?:(?:https?|hxxps?|ftp)://|www\.)[^\s<>"'()\[\]{}]+ with re.I, spelled with character
+# classes and one class first so that the regex engine skips to the possible first letters
+# (with re.I it tries every position); "ſ" (U+017F) is the one character beyond ASCII that re.I
+# takes for one of these letters ("s"). tokenize._URLS is the same with fewer stop characters.
+_URL_IN_TEXT = re.compile(r"[hHfFwW](?:(?<=[hH])(?:[tT][tT]|[xX][xX])[pP][sS\u017f]?://|(?<=[fF])[tT][pP]://"
+                          r"""|(?<=[wW])[wW][wW]\.)[^\s<>"'()\[\]{}]+""")
 _DOMAIN_IN_TEXT = re.compile(r"(?:https?://)?((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24})\b", re.I)
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _HEX_HOST = re.compile(r"^(?:0x[0-9a-f]+|\d{8,10})$", re.I)
@@ -415,7 +420,7 @@ def _one_edit(a: str, b: str) -> bool:
 
 
 def _received_facts(values: list[str], out: MessageFeatures) -> None:
-    out.received_hops = len(values)
+    """From the first four Received values (the hops nearest to us)."""
     out.received_unknown_rdns = any(_RECEIVED_FROM_UNKNOWN.search(v) and "unknown" in v.lower()
                                     for v in values[:4])
 
@@ -456,19 +461,20 @@ def clean_text(value: str) -> str:
 
 
 class _HeaderIndex:
-    """Header values by lower-cased name, built in one pass (ParsedMessage.get scans all)."""
+    """Headers by lower-cased name, built in one pass (ParsedMessage.get scans all). A value is
+    only unfolded and decoded when asked for: most headers are not."""
 
     def __init__(self, message: ParsedMessage) -> None:
-        self.values: dict[str, list[str]] = {}
+        self.headers: dict[str, list[Header]] = {}
         for h in message.headers:
-            self.values.setdefault(h.name.lower(), []).append(h.value)
+            self.headers.setdefault(h.name.lower(), []).append(h)
 
     def get(self, name: str) -> str | None:
-        found = self.values.get(name.lower())
-        return found[0] if found else None
+        found = self.headers.get(name.lower())
+        return found[0].value if found else None
 
-    def get_all(self, name: str) -> list[str]:
-        return self.values.get(name.lower(), [])
+    def get_all(self, name: str, limit: int | None = None) -> list[str]:
+        return [h.value for h in self.headers.get(name.lower(), ())[:limit]]
 
 
 def _header(message: "_HeaderIndex", name: str) -> str | None:
@@ -478,7 +484,7 @@ def _header(message: "_HeaderIndex", name: str) -> str | None:
 
 def _headers(parsed: ParsedMessage, out: MessageFeatures) -> None:
     message = _HeaderIndex(parsed)
-    out.header_names = frozenset(message.values)
+    out.header_names = frozenset(message.headers)
     for name in _KEPT_HEADERS:
         value = _header(message, name)
         if value is not None:
@@ -489,7 +495,7 @@ def _headers(parsed: ParsedMessage, out: MessageFeatures) -> None:
     out.from_name, out.from_addr = name[:200], addr[:200]
     out.from_domain = _domain_of(addr)
     out.from_rd = registered_domain(out.from_domain) if out.from_domain else ""
-    for value in message.get_all("Reply-To")[:3]:
+    for value in message.get_all("Reply-To", 3):
         _n, reply = _first_addr(clean_text(decode_words(value)))
         rd = registered_domain(_domain_of(reply))
         if rd:
@@ -497,14 +503,15 @@ def _headers(parsed: ParsedMessage, out: MessageFeatures) -> None:
     return_path = message.get("Return-Path")
     if return_path:
         out.return_path_rd = registered_domain(_domain_of(return_path.strip().strip("<>")))
-    out.to_count = sum(_count_addrs(v) for v in message.get_all("To")[:5])
-    out.cc_count = sum(_count_addrs(v) for v in message.get_all("Cc")[:5])
+    out.to_count = sum(_count_addrs(v) for v in message.get_all("To", 5))
+    out.cc_count = sum(_count_addrs(v) for v in message.get_all("Cc", 5))
     out.mailer = (_header(message, "X-Mailer") or _header(message, "User-Agent") or "")[:200]
     msgid = message.get("Message-ID") or ""
     if "@" in msgid:
         out.message_id_rd = registered_domain(msgid.rsplit("@", 1)[1].strip(" >"))
-    out.has_date = message.get("Date") is not None
-    _received_facts(message.get_all("Received"), out)
+    out.has_date = "date" in message.headers
+    out.received_hops = len(message.headers.get("received", ()))
+    _received_facts(message.get_all("Received", 4), out)
 
 
 def _body(message: ParsedMessage, out: MessageFeatures, limits: Limits) -> None:
@@ -512,7 +519,7 @@ def _body(message: ParsedMessage, out: MessageFeatures, limits: Limits) -> None:
     if len(raw) > limits.max_bytes:
         out.truncated = True
         raw = raw[:limits.max_bytes]
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    msg = _mime_tree(message, raw)
     out.content_type = msg.get_content_type()
     plain: list[str] = []
     htmls: list[str] = []
@@ -582,6 +589,36 @@ def _body(message: ParsedMessage, out: MessageFeatures, limits: Limits) -> None:
                 link = make_link(link_text)
                 if link is not None:
                     out.links.append(link)
+
+
+def _mime_tree(message: ParsedMessage, raw: bytes) -> email.message.Message:
+    """``email.message_from_bytes(raw, policy=compat32)``, without running the stdlib parser
+    over the headers again when ``message`` already split them the way it would, and there is
+    no MIME tree to build (one part: the body is the payload as it stands).
+
+    ``raw`` is ``message.raw`` or a prefix of it. The stdlib's header block ends at the first
+    line that is not a field, a continuation or a leading "From " line; ParsedMessage's at the
+    first empty line. They agree when ParsedMessage found no defect (every line a field or a
+    continuation), no lone CR splits a line differently, no "From " line follows the first
+    line, and no field has blanks before its colon (ParsedMessage allows them, the stdlib
+    ends the headers there). The stdlib's value is then ParsedMessage's raw value with the
+    blanks after the colon removed; a unit test holds the two parsers equal."""
+    head_end = message.body_offset
+    if message.defects or head_end > len(raw) or raw[:1] in (b"\r", b"\n"):
+        # a header block cut by the size limit; an empty first line (no headers: the stdlib's
+        # body starts after it, ParsedMessage's after the next one)
+        return email.message_from_bytes(raw, policy=email.policy.compat32)
+    head = raw[:head_end]
+    if (head.count(b"\r") != head.count(b"\r\n") or b"\nFrom " in head or b" :" in head
+            or b"\t:" in head):
+        return email.message_from_bytes(raw, policy=email.policy.compat32)
+    msg = email.message.Message(policy=email.policy.compat32)
+    for h in message.headers:
+        msg.set_raw(h.name, h.raw_value.decode("ascii", "surrogateescape").lstrip(" \t"))
+    if msg.get_content_maintype() in ("multipart", "message"):
+        return email.message_from_bytes(raw, policy=email.policy.compat32)
+    msg.set_payload(raw[head_end:].decode("ascii", "surrogateescape"))
+    return msg
 
 
 def _filename(part: email.message.Message) -> str:
