@@ -1,6 +1,7 @@
 """The rules engine's shortcuts give what the plain way gives: byte search for literal
 ``contains``, RE2's own Match call instead of the wrapper, one RE2 set per body part instead of
-one search per pattern, per-name header views and facts computed on demand. Each test compares the shortcut with the plain computation on the same
+one search per pattern, per-name header views and facts computed on demand, parent domains
+found by slicing. Each test compares the shortcut with the plain computation on the same
 input."""
 from __future__ import annotations
 
@@ -220,3 +221,35 @@ def test_header_views_by_name_in_message_order() -> None:
     assert ev.header_values("received", raw=True) == ["from a by b; Mon, 1 Jan 2024 00:00:00 +0000"]
     assert ev.has_header("subject") and not ev.has_header("date")
     assert ev.header_values("date", raw=True) == [] and ev.header_data("date", raw=False) == []
+
+
+def test_domain_in_is_the_split_and_join_test() -> None:
+    from trustmilter.rules.engine import _domain_in
+
+    def reference(host: str, registered: str, domains: frozenset[str]) -> bool:
+        if registered in domains or host in domains:
+            return True
+        parts = host.split(".")
+        return any(".".join(parts[i:]) in domains for i in range(1, len(parts) - 1))
+
+    rng = random.Random(1035)
+    labels = ["a", "b", "com", "co", "uk", "", "x-y"]
+    domains = frozenset({"b.com", "com", "co.uk", ".b.com", "com.", "a.b", "b", ""})
+    for _ in range(5000):
+        host = ".".join(rng.choice(labels) for _ in range(rng.randrange(1, 6)))
+        registered = rng.choice(["", host, "b.com", "zz"])
+        assert _domain_in(host, registered, domains) == reference(host, registered, domains), host
+
+
+def test_symbol_note_names_the_first_present_symbol_in_name_order() -> None:
+    from trustmilter.checks.base import CheckResult
+    from trustmilter.types import Symbol
+    rules = ("R:\n  description: r\n  score: 1\n  match:\n"
+             "    symbol: [ZZ_LISTED, BB_LISTED, AA_ABSENT, CC_LISTED]\n")
+    rule_set = rule_set_from_sources({"t.yaml": rules}, {})
+    parsed = ParsedMessage.parse(b"Subject: s\n\nbody\n")
+    results = {"dnsbl": CheckResult(symbols=[Symbol(n, 1.0) for n in
+                                             ("ZZ_LISTED", "CC_LISTED", "BB_LISTED")])}
+    ev = Evaluation(rule_set, parsed, Envelope(), results, lambda: extract(parsed))
+    (hit,) = rule_set.evaluate(ev)
+    assert hit.notes == ["symbol BB_LISTED"]

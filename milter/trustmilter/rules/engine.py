@@ -536,8 +536,18 @@ def _domain_in(host: str, registered: str, domains: frozenset[str]) -> bool:
     """``host`` is one of ``domains`` or below one of them."""
     if registered in domains or host in domains:
         return True
-    parts = host.split(".")
-    return any(".".join(parts[i:]) in domains for i in range(1, len(parts) - 1))
+    # Each parent of host that still has two labels (what host.split(".")[i:] joined gives for
+    # i >= 1), found by slicing after each dot instead of splitting and joining.
+    dot = host.find(".")
+    while dot >= 0:
+        parent = host[dot + 1:]
+        below = parent.find(".")
+        if below < 0:
+            return False
+        if parent in domains:
+            return True
+        dot += 1 + below
+    return False
 
 
 def imitated_brand(registered: str) -> str:
@@ -763,6 +773,7 @@ class Symbol_(Condition):
 
     def __init__(self, names: frozenset[str], prefixes: tuple[str, ...]) -> None:
         self.names = names
+        self.sorted_names = tuple(sorted(names))   # the first present one is the note
         self.prefixes = prefixes
         self.rule_names: tuple[str, ...] = ()
 
@@ -770,12 +781,14 @@ class Symbol_(Condition):
         """Split names that are rules from names that are check symbols."""
         self.rule_names = tuple(sorted(self.names & rule_names))
         self.names = frozenset(self.names - set(rule_names))
+        self.sorted_names = tuple(sorted(self.names))
 
     def test(self, ev: Evaluation) -> bool:
         present = ev.symbols
-        for name in sorted(self.names & present):
-            ev.note(f"symbol {name}")
-            return True
+        for name in self.sorted_names:
+            if name in present:
+                ev.note(f"symbol {name}")
+                return True
         if self.prefixes:
             for name in ev.sorted_symbols:
                 if name.startswith(self.prefixes):
