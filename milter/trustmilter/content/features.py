@@ -592,9 +592,10 @@ def _body(message: ParsedMessage, out: MessageFeatures, limits: Limits) -> None:
 
 
 def _mime_tree(message: ParsedMessage, raw: bytes) -> email.message.Message:
-    """``email.message_from_bytes(raw, policy=compat32)``, without running the stdlib parser
-    over the headers again when ``message`` already split them the way it would, and there is
-    no MIME tree to build (one part: the body is the payload as it stands).
+    """``email.message_from_bytes(raw, policy=compat32)`` as _body reads it (its Content-*
+    fields and payloads), without running the stdlib parser over the headers again when
+    ``message`` already split them the way it would, and there is no MIME tree to build (one
+    part: the body is the payload as it stands).
 
     ``raw`` is ``message.raw`` or a prefix of it. The stdlib's header block ends at the first
     line that is not a field, a continuation or a leading "From " line; ParsedMessage's at the
@@ -614,7 +615,10 @@ def _mime_tree(message: ParsedMessage, raw: bytes) -> email.message.Message:
         return email.message_from_bytes(raw, policy=email.policy.compat32)
     msg = email.message.Message(policy=email.policy.compat32)
     for h in message.headers:
-        msg.set_raw(h.name, h.raw_value.decode("ascii", "surrogateescape").lstrip(" \t"))
+        # Only the Content-* fields: all that _body reads (type, charset, name, disposition,
+        # transfer encoding), and each Message.get scans every field it holds.
+        if h.name[:8].lower() == "content-":
+            msg.set_raw(h.name, h.raw_value.decode("ascii", "surrogateescape").lstrip(" \t"))
     if msg.get_content_maintype() in ("multipart", "message"):
         return email.message_from_bytes(raw, policy=email.policy.compat32)
     msg.set_payload(raw[head_end:].decode("ascii", "surrogateescape"))
