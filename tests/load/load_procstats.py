@@ -99,12 +99,15 @@ def role(pid: int, root: int) -> str:
 
 
 def snapshot(root: int) -> list[dict[str, object]]:
-    """Every process of the tree: pid, role, RSS and PSS (KiB)."""
+    """Every process of the tree: pid, role, RSS and PSS (KiB), threads (a thread pool that
+    grew holds more per-thread state: stacks, SQLite connections)."""
     out: list[dict[str, object]] = []
     for pid in tree(root):
         mem = memory_kb(pid)
-        if mem is not None:
-            out.append({"pid": pid, "role": role(pid, root), "rss_kb": mem[0], "pss_kb": mem[1]})
+        fields = _stat_fields(pid)
+        if mem is not None and fields is not None:
+            out.append({"pid": pid, "role": role(pid, root), "rss_kb": mem[0], "pss_kb": mem[1],
+                        "threads": int(fields[17])})
     return out
 
 
@@ -119,14 +122,23 @@ class MemorySampler(threading.Thread):
         self.peak_pss_kb = 0
         self.peak_processes = 0
         self.samples = 0
+        self._pids: list[int] = []
+        self._tree_at = 0.0
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
+        # The tree is found again once a second (or when a process went away), not at every
+        # sample: walking all of /proc with 100 smtpd processes costs more than the sample.
+        now = time.monotonic()
+        if now - self._tree_at > 1.0:
+            self._pids, self._tree_at = tree(self.root), now
         rss = pss = n = 0
-        for pid in tree(self.root):
+        for pid in self._pids:
             mem = memory_kb(pid)
-            if mem is not None:
-                rss, pss, n = rss + mem[0], pss + mem[1], n + 1
+            if mem is None:
+                self._tree_at = 0.0
+                continue
+            rss, pss, n = rss + mem[0], pss + mem[1], n + 1
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
         self.peak_processes = max(self.peak_processes, n)

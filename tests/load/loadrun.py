@@ -61,20 +61,38 @@ REPO = HERE.parent.parent
 
 # ---- the leak check -------------------------------------------------------------------------------
 # Memory is compared between the end of the next-to-last run and the end of the last, each taken
-# once the queue has drained and the history writer caught up. Run 1 fills what is meant to fill
-# (the DNS cache, the rules' memo caches, SQLite page caches, the allocator's arenas), so by then
-# a process that does not leak stays within noise: pymalloc and glibc keep freed arenas, and
-# which of them a late large message (up to 400 KB, parsed several times) lands in moves RSS by a
-# few MiB either way. The allowance is that noise plus a small per-message term: a leak of a few
-# hundred bytes per message (one forgotten dict per message) is more than 2000 messages x
-# LEAK_PER_MESSAGE_BYTES over the fixed part and fails even in the CI run; in the 20,000-message
-# run the same leak is ten times as visible.
-LEAK_FIXED_KB = 8 * 1024            # per process: allocator noise, caches that fill late
-LEAK_PER_MESSAGE_BYTES = 512        # per process and message of the last run
+# once the queue has drained and the history writer caught up, per process (RSS: what the process
+# holds; PSS also moves when a sibling maps or drops shared pages).
+#
+# The milter's own processes (main: libmilter threads, the state writer; forkserver; resource
+# tracker) hold no per-message state: they must stay within allocator noise (pymalloc and glibc
+# keep freed arenas; measured -2 to +4 MiB between runs of 300 to 20,000 messages) plus 256 bytes
+# per message of the last run. A leak of one small object per message (~0.5 KiB) then fails the
+# 20,000-message run; the 2,000-message CI run catches leaks from ~4 KiB per message.
+#
+# Workers are different: they keep growing for their first ~10,000 messages, then stop. Measured
+# (2026-12-06) with one engine evaluating this load's messages one after another in one process:
+# RSS 242, 262, 265, 266, 272, 273, 273, 274 MiB after 2,000 ... 16,000 messages; the same shape,
+# ~+20-30 MiB from 2,000 to 10,000 and then flat, with the DNS cache, Bayes, reputation, the
+# rules or the model switched off in turn, and no growth of Python objects (tracemalloc): native
+# memory that fills (SQLite page caches, RE2's DFA caches, malloc arenas of the check threads).
+# Through the milter, a worker sees only a quarter of a run, so no feasible run 1 warms it
+# completely: the 20,000-message run's workers gained 16-29 MiB from their 5,000th to their
+# 10,000th message. Their allowance is the noise plus that warm-up, 32 MiB: coarse, it fails a
+# worker that leaks 10 KiB or more per message in the full run (5,000 messages each: 49 MiB), a
+# copy of every message it sees in the CI run (500 each, 28 KB on average, parsed several times).
+# The table shows every worker's growth, so a slower leak shows as growth that does not shrink
+# from run to run (--runs 3 or more).
+LEAK_NOISE_KB = 8 * 1024
+LEAK_PER_MESSAGE_BYTES = 256            # processes without per-message state
+LEAK_WORKER_WARMUP_KB = 32 * 1024       # workers: native caches and arenas still filling
 
 
-def leak_allowance_kb(messages: int) -> int:
-    return LEAK_FIXED_KB + messages * LEAK_PER_MESSAGE_BYTES // 1024
+def leak_allowance_kb(role: str, messages: int) -> int:
+    """RSS growth allowed to one milter process over a run of ``messages`` messages."""
+    if role == "worker":
+        return LEAK_NOISE_KB + LEAK_WORKER_WARMUP_KB
+    return LEAK_NOISE_KB + messages * LEAK_PER_MESSAGE_BYTES // 1024
 
 
 @dataclass
@@ -352,29 +370,30 @@ def parse_log(text: str) -> list[dict[str, Any]]:
 
 def leak_check(before: list[dict[str, Any]], after: list[dict[str, Any]],
                messages: int) -> dict[str, Any]:
-    """Per process (same pid in both snapshots): RSS and PSS growth, and whether it stays within
-    leak_allowance_kb(messages). Processes that came or went (a replaced worker) are listed:
+    """Per process (same pid in both snapshots): RSS and PSS growth, and whether the RSS growth
+    stays within leak_allowance_kb. Processes that came or went (a replaced worker) are listed:
     they cannot be compared, and the check says so rather than passing silently."""
-    allowance = leak_allowance_kb(messages)
     old = {p["pid"]: p for p in before}
     new = {p["pid"]: p for p in after}
     rows, failures = [], []
     for pid in sorted(old.keys() & new.keys()):
         a, b = old[pid], new[pid]
-        row = {"pid": pid, "role": b["role"], "rss_before_kb": a["rss_kb"],
-               "rss_after_kb": b["rss_kb"], "rss_growth_kb": b["rss_kb"] - a["rss_kb"],
+        allowance = leak_allowance_kb(str(b["role"]), messages)
+        row = {"pid": pid, "role": b["role"], "threads": b.get("threads"),
+               "rss_before_kb": a["rss_kb"], "rss_after_kb": b["rss_kb"],
+               "rss_growth_kb": b["rss_kb"] - a["rss_kb"],
                "pss_before_kb": a["pss_kb"], "pss_after_kb": b["pss_kb"],
-               "pss_growth_kb": b["pss_kb"] - a["pss_kb"]}
+               "pss_growth_kb": b["pss_kb"] - a["pss_kb"], "allowed_kb": allowance}
         rows.append(row)
-        # RSS: what the process holds (PSS also moves when a sibling maps or drops shared pages).
         if row["rss_growth_kb"] > allowance:
             failures.append(f"pid {pid} ({row['role']}): RSS grew {row['rss_growth_kb']} KiB "
                             f"over the last run (allowed {allowance} KiB)")
     gone = sorted(old.keys() - new.keys())
     came = sorted(new.keys() - old.keys())
-    if not rows:
-        failures.append("no process of the milter lived through both runs: nothing to compare")
-    return {"allowance_kb_per_process": allowance, "processes": rows,
+    if not any(r["role"] == "worker" for r in rows) or not any(r["role"] == "main" for r in rows):
+        failures.append(f"the main process and a worker must live through both runs to be "
+                        f"compared (gone {gone}, new {came})")
+    return {"processes": rows,
             "rss_sum_growth_kb": sum(r["rss_growth_kb"] for r in rows),
             "pss_sum_growth_kb": sum(r["pss_growth_kb"] for r in rows),
             "processes_gone": gone, "processes_new": came, "failures": failures,
@@ -498,11 +517,11 @@ def format_report(report: dict[str, Any]) -> str:
            f"Postfix {report['machine']['postfix']}, git {report['git']}; "
            f"total {report['duration_s']} s"]
     runs = report["runs"]
-    header = f"{'':<28}" + "".join(f"{'run ' + str(r['run']):>24}" for r in runs)
+    header = f"{'':<28}" + "".join(f"{'run ' + str(r['run']):>28}" for r in runs)
     out += ["", header]
 
     def row(name: str, get: Callable[[dict[str, Any]], Any]) -> None:
-        out.append(f"{name:<28}" + "".join(f"{str(get(r)):>24}" for r in runs))
+        out.append(f"{name:<28}" + "".join(f"{str(get(r)):>28}" for r in runs))
 
     row("messages", lambda r: r["messages"])
     row("msgs/s", lambda r: r["msgs_per_s"])
@@ -522,24 +541,24 @@ def format_report(report: dict[str, Any]) -> str:
     row("CPU ms/msg milter", lambda r: round(r["cpu_s"]["milter"] * 1000 / r["messages"], 1))
     leak = report.get("leak")
     if leak:
-        out += ["", f"memory after run {runs[-2]['run']} -> after run {runs[-1]['run']} "
-                    f"(allowed growth {leak['allowance_kb_per_process']} KiB per process):"]
+        out += ["", f"memory after run {runs[-2]['run']} -> after run {runs[-1]['run']}:"]
         for p in leak["processes"]:
             out.append(f"  pid {p['pid']:<8} {p['role']:<17} RSS {p['rss_before_kb'] / 1024:7.1f}"
-                       f" -> {p['rss_after_kb'] / 1024:7.1f} MiB ({p['rss_growth_kb']:+d} KiB)"
-                       f"   PSS {p['pss_before_kb'] / 1024:7.1f} -> {p['pss_after_kb'] / 1024:7.1f}"
-                       f" MiB ({p['pss_growth_kb']:+d} KiB)")
+                       f" -> {p['rss_after_kb'] / 1024:7.1f} MiB ({p['rss_growth_kb']:+7d} KiB,"
+                       f" allowed {p['allowed_kb']:+d})   PSS {p['pss_before_kb'] / 1024:7.1f} ->"
+                       f" {p['pss_after_kb'] / 1024:7.1f} MiB ({p['pss_growth_kb']:+d} KiB)")
         if leak["processes_gone"] or leak["processes_new"]:
             out.append(f"  processes gone {leak['processes_gone']}, new {leak['processes_new']}")
         out.append(f"  sum: RSS {leak['rss_sum_growth_kb']:+d} KiB, PSS "
-                   f"{leak['pss_sum_growth_kb']:+d} KiB: {'flat' if leak['ok'] else 'LEAK'}")
+                   f"{leak['pss_sum_growth_kb']:+d} KiB: "
+                   f"{'within the allowances' if leak['ok'] else 'LEAK'}")
     out.append("")
     if report["failures"]:
         out.append("FAILED:")
         out += [f"  {f}" for f in report["failures"]]
     else:
         out.append("OK: every message accounted for and reconciled with the milter's history; "
-                   "memory flat")
+                   "memory growth within the leak allowances")
     return "\n".join(out)
 
 
