@@ -228,19 +228,20 @@ class ContentModel:
             return 0.0
         # FeatureHasher's column: |murmurhash3_32| mod n (abs(-2**31) taken as 2**31, which is
         # what its special case amounts to).
-        hashes = np.array([murmurhash3_32(token, 0) for token in tokens], dtype=np.int64)
-        columns = np.abs(hashes) % n_features
-        if len(set(columns.tolist())) == len(tokens):
-            # No two tokens share a column (nearly always): every count is 1, and the weights
-            # are summed one after the other in token order as the loop below does (cumsum is
-            # sequential; "0.0 +" turns a -0.0 total into the 0.0 that sum() gives).
+        columns = np.abs(np.fromiter(map(murmurhash3_32, tokens), dtype=np.int64, count=len(tokens)))
+        columns %= n_features
+        # Each column's weight times its count, summed one after the other in the order the
+        # columns were first seen, as the loop over a dict of counts did (cumsum is sequential;
+        # "0.0 +" turns a -0.0 total into the 0.0 that sum() gives), over the L2 norm of the
+        # counts. Nearly always no two tokens share a column and every count is 1.
+        unique, first, counts = np.unique(columns, return_index=True, return_counts=True)
+        if unique.size == columns.size:
             total = 0.0 + float(np.cumsum(token_weights[columns].astype(np.float64))[-1])
-            return total / math.sqrt(len(tokens))
-        buckets: dict[int, int] = {}
-        for index in columns.tolist():
-            buckets[index] = buckets.get(index, 0) + 1
-        norm = math.sqrt(sum(v * v for v in buckets.values()))
-        return sum(float(token_weights[i]) * v for i, v in buckets.items()) / norm
+            return total / math.sqrt(columns.size)
+        order = np.argsort(first)
+        counts = counts[order]
+        total = 0.0 + float(np.cumsum(token_weights[unique[order]].astype(np.float64) * counts)[-1])
+        return total / math.sqrt(int(np.dot(counts, counts)))
 
     @property
     def _fast(self) -> tuple[Any, ...] | None:
