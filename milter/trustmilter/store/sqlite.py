@@ -1,11 +1,13 @@
 """The Bayes token store in SQLite (through sqlite-utils for the schema): WAL so the milter reads
 while ``trustmilter learn`` writes, a busy timeout so a held lock costs an error symbol rather
 than a stalled milter, one connection per thread and process (SQLite connections must not cross
-threads or a fork), and one query per message for all its tokens.
+threads or a fork), and one query per message for all its tokens (their list as one JSON
+parameter).
 """
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import sqlite3
 import threading
@@ -22,6 +24,10 @@ from trustmilter.store import Label
 SCHEMA_VERSION = 1
 EXPORT_MAGIC = "#trustmilter-bayes-export"
 _IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on any build
+# IN lists are padded with NULLs (which match nothing) to a multiple of this: a few dozen query
+# texts instead of one per token count, so sqlite3's statement cache (128 per connection) keeps
+# them prepared instead of parsing a 300-parameter query for most messages.
+_IN_STEP = 32
 
 
 class StoreError(TrustmilterError):
@@ -65,6 +71,11 @@ class SQLiteTokenStore:
         conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         conn.execute("PRAGMA synchronous = NORMAL")   # durable enough in WAL, much faster
         conn.execute("PRAGMA cache_size = -16000")     # 16 MB page cache per connection
+        try:    # built into SQLite from 3.38 on, an option before
+            conn.execute("SELECT key FROM json_each('[]')").fetchall()
+            self._local.json_each = True
+        except sqlite3.OperationalError:
+            self._local.json_each = False
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
@@ -114,13 +125,21 @@ class SQLiteTokenStore:
 
     def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
         conn = self._conn()
-        out: dict[str, tuple[int, int]] = {}
         tokens = list(tokens)
+        if self._local.json_each and tokens:
+            # One JSON array parameter: no ephemeral index for an IN list to build, and rows
+            # name their token by position (an int) instead of a new string: ~20% less per
+            # token. ensure_ascii=False leaves only \", \\ and control characters escaped; a
+            # \u escape (a control character: json_each cuts a string at \u0000) goes the IN
+            # way, as does a token that merely contains a backslash and a u.
+            text = json.dumps(tokens, ensure_ascii=False)
+            if "\\u" not in text:
+                return {tokens[i]: (spam, ham) for i, spam, ham in conn.execute(_JSON_QUERY, (text,))}
+        out: dict[str, tuple[int, int]] = {}
         for start in range(0, len(tokens), _IN_CHUNK):
             chunk = tokens[start:start + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for token, spam, ham in conn.execute(
-                    f"SELECT token, spam, ham FROM tokens WHERE token IN ({marks})", chunk):
+            size = -(-len(chunk) // _IN_STEP) * _IN_STEP
+            for token, spam, ham in conn.execute(_in_query(size), chunk + [None] * (size - len(chunk))):
                 out[token] = (spam, ham)
         return out
 
@@ -299,6 +318,19 @@ class SQLiteTokenStore:
                 raise
         self._totals_cache = None
         return int(count)
+
+
+_JSON_QUERY = ("SELECT j.key, t.spam, t.ham FROM json_each(?) AS j "
+               "JOIN tokens AS t ON t.token = j.value")
+_in_queries: dict[int, str] = {}
+
+
+def _in_query(size: int) -> str:
+    query = _in_queries.get(size)
+    if query is None:
+        query = _in_queries[size] = (
+            "SELECT token, spam, ham FROM tokens WHERE token IN (" + ",".join("?" * size) + ")")
+    return query
 
 
 def _export_rows(src: Iterator[str]) -> Iterator[tuple[str, int, int]]:
