@@ -28,7 +28,7 @@ def matcher(spec: dict[str, Any]) -> Matcher:
 
 def plain(m: Matcher) -> Matcher:
     """The same pattern without shortcuts: no literals, the re2 wrapper's search/finditer."""
-    out = Matcher(m.pattern, m.min_count, m.source, nocase=m.nocase)
+    out = Matcher(m.pattern, m.min_count, m.source)
     out._match = None
     return out
 
@@ -129,6 +129,17 @@ def test_set_says_exactly_which_patterns_occur(data: bytes) -> None:
     for body in bodies:
         occurs = body.matcher.pattern.search(data) is not None
         assert (body.slot[1] in found) == occurs, (body.matcher.source, data)  # type: ignore[index]
+
+
+def test_patterns_with_options_a_set_cannot_reproduce_stay_out() -> None:
+    options = re2.Options()
+    options.longest_match = True
+    odd = Matcher(re2.compile(b"a|ab", options), 1, "regex 'a|ab'")
+    plain_ones = [matcher({"regex": f"x{i}+"}) for i in range(3)]
+    bodies = [Body("text", m) for m in [odd, *plain_ones]]
+    (pattern_set,) = engine.build_pattern_sets(bodies, 1 << 20)
+    assert bodies[0].slot is None
+    assert [b.slot[1] for b in bodies[1:]] == [1, 2, 3]        # type: ignore[index]
 
 
 def test_set_keeps_each_patterns_case_rule() -> None:

@@ -96,19 +96,18 @@ class Matcher:
     of them matches), matched against UTF-8 bytes. ``min_count`` asks for that many
     non-overlapping matches in one text.
 
-    ``nocase`` is how ``pattern`` was compiled (an RE2 set needs it). ``literals``: the UTF-8 of
+    ``literals``: the UTF-8 of
     the ``contains`` strings when the spec is nothing else and is case-sensitive; then the
     pattern is an alternation of those strings, and a byte search finds the same first match
     (leftmost, the earlier alternative at a tie, as RE2 does) several times faster."""
 
-    __slots__ = ("pattern", "min_count", "source", "nocase", "literals", "_match")
+    __slots__ = ("pattern", "min_count", "source", "literals", "_match")
 
-    def __init__(self, pattern: Any, min_count: int, source: str, nocase: bool = False,
+    def __init__(self, pattern: Any, min_count: int, source: str,
                  literals: tuple[bytes, ...] | None = None) -> None:
         self.pattern = pattern
         self.min_count = min_count
         self.source = source
-        self.nocase = nocase
         self.literals = literals if literals and all(literals) else None
         self._match = _raw_match(pattern)
 
@@ -165,11 +164,24 @@ class Range:
 # ---------------------------------------------------------------------------------------------
 # Many patterns over one text
 # ---------------------------------------------------------------------------------------------
-# A body part read by at least this many RE2-searched patterns gets a PatternSet: on the test
-# split the shipped rules' 15 patterns on "text" cost ~12 us/msg as one set against ~75 us one by
-# one, while a set of one or two patterns is slower than searching them.
+# A body part read by at least this many RE2-searched patterns gets a PatternSet. On the test
+# split the shipped rules' 15 patterns on "text" take ~12 us/msg as one set against ~75 us one
+# by one in a tight loop (inside the pipeline, with cold caches, the rules check drops 25-40
+# us/msg); a set of one or two patterns is slower than searching them.
 SET_MIN_PATTERNS = 3
 _NOT_RUN: Any = object()
+# Options the loader may give a pattern that the set reproduces (case folding inline); a
+# pattern compiled with any other option different from RE2's default stays out of sets.
+_SET_OPTIONS_FREE = frozenset({"case_sensitive", "never_capture", "max_mem", "log_errors"})
+
+
+def _set_compatible(pattern: Any) -> bool:
+    try:
+        options, default = pattern.options, re2.Options()
+        return all(getattr(options, name) == getattr(default, name)
+                   for name in re2.Options.NAMES if name not in _SET_OPTIONS_FREE)
+    except AttributeError:
+        return False
 
 
 class PatternSet:
@@ -194,8 +206,9 @@ class PatternSet:
             source = matcher.pattern.pattern
             if isinstance(source, str):
                 source = source.encode("utf-8")
-            # The same pattern under the same flags; case folding inline, as nocase compiled it.
-            regex_set.Add((b"(?i:" if matcher.nocase else b"(?:") + source + b")")
+            # The same pattern under the same flags: case folding inline, as it was compiled.
+            nocase = not matcher.pattern.options.case_sensitive
+            regex_set.Add((b"(?i:" if nocase else b"(?:") + source + b")")
         regex_set.Compile()
         self._set = regex_set
 
@@ -217,7 +230,8 @@ def build_pattern_sets(conditions: Iterable["Condition"], max_mem_each: int) -> 
     for condition in conditions:
         if isinstance(condition, Body):
             condition.slot = None
-            if condition.matcher.literals is None:
+            matcher = condition.matcher
+            if matcher.literals is None and _set_compatible(matcher.pattern):
                 by_part.setdefault(condition.part, []).append(condition)
     sets = []
     for part, bodies in by_part.items():

@@ -511,7 +511,7 @@ def _matcher(mapping: dict[str, Any], where: _Where, line: int | None, key: str,
     pattern = _compile("|".join(alternatives), nocase, where, line, key)
     # Only case-sensitive "contains" strings: plain byte search finds what the pattern finds.
     literals = tuple(contained) if len(contained) == len(alternatives) and not nocase else None
-    return Matcher(pattern, min_count, "; ".join(shown), nocase=nocase, literals=literals)
+    return Matcher(pattern, min_count, "; ".join(shown), literals=literals)
 
 
 def _compile(pattern: str, nocase: bool, where: _Where, line: int | None, key: str) -> Any:
