@@ -7,6 +7,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import email.utils
 import math
 import re
 import time
@@ -22,7 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils import murmurhash3_32
 
 from trustmilter.content import analyze
-from trustmilter.content.features import _URL_IN_TEXT, Limits, MessageFeatures, _mime_tree, letter_counts
+from trustmilter.content.features import (_URL_IN_TEXT, Limits, MessageFeatures, _count_addrs, _first_addr,
+                                          _mime_tree, letter_counts)
 from trustmilter.content.model import (STRUCTURAL_FEATURES, ContentModel, FeatureSettings,
                                        structural_vector)
 from trustmilter.content.tokenize import (_CJK, _MONEY, _NUMBERISH, _STRIP, _URGENT, _URLS, _attachment_tokens,
@@ -372,3 +374,44 @@ def test_mime_tree_skips_the_stdlib_header_parser_for_a_plain_message(monkeypatc
     tree = _mime_tree(ParsedMessage.parse(raw), raw)
     assert tree.items() == [("Content-Type", "text/plain; name=x"), ("Content-type", "text/plain")]
     assert tree.get_payload() == "body\r\n"
+
+
+# ---- addresses in From, Reply-To, To and Cc ---------------------------------------------------
+def _reference_first_addr(value: str) -> tuple[str, str]:
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:  # noqa: BLE001
+        return "", ""
+    for name, addr in pairs:
+        if addr or name:
+            return name.strip().strip('"').strip(), addr.strip().lower()
+    return "", ""
+
+
+def _reference_count_addrs(value: str) -> int:
+    try:
+        return sum(1 for _n, a in email.utils.getaddresses([value]) if a)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+_ADDRESS_PIECES = ["John", "Doe", "J0hn", "x", " ", "  ", "\t", '"', "<", ">", "@", ".", "..", ",", ", ", ";", ":",
+                   "(c)", "[1.2.3.4]", "a", "B.c", "example", "co", "-", "_", "+", "\\", "é", "=?utf-8?q?x?=",
+                   "john.doe@example.com", "<a@b.example>", '"J D" ', "J D ", "undisclosed:;", "\r\n "]
+
+
+@given(st.lists(st.sampled_from(_ADDRESS_PIECES), max_size=14).map("".join))
+@settings(max_examples=4000, deadline=None)
+def test_address_fast_path_equals_the_stdlib_parser(value: str) -> None:
+    assert _first_addr(value) == _reference_first_addr(value)
+    assert _count_addrs(value) == _reference_count_addrs(value)
+
+
+@pytest.mark.parametrize("value", [
+    "a@b.example", "<a@b.example>", "John <a@b.example>", "John  Doe <a@b.example>", '"John Doe" <a@b.example>',
+    '"John Doe"<a@b.example>', "John Doe<a@b.example>", "A.B <a@b.example>", "a@b", "a@b.", "a@.b", ".a@b.c",
+    "a..b@c.d", "a@b.example, c@d.example", "a@b.example ,c@d.example", "a@b.example,", ",a@b.example",
+    "John <a@b.example>, \"X Y\" <c@d.example>, e@f.example", "John <A@B.Example>", "a@b.example (c)", ""])
+def test_address_fast_path_on_edge_cases(value: str) -> None:
+    assert _first_addr(value) == _reference_first_addr(value)
+    assert _count_addrs(value) == _reference_count_addrs(value)
