@@ -31,11 +31,12 @@ import ipaddress
 import random
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import RCODE, DNSRecord
 
 from dnsserver import TestDNSServer
 from keys import Key, ed25519_key, rsa_key, sign
@@ -162,13 +163,16 @@ def publish_zone(dns: TestDNSServer, keys: KeySet) -> None:
 
 
 class LoadDNSServer(TestDNSServer):
-    """The test DNS server, plus: the first query for a ``_dmarc.*.tempfail.test`` name gets
-    SERVFAIL (later ones the zone's answer), so each tempfail_once message is tempfailed by the
-    milter exactly once whatever the order of its lookups."""
+    """The test DNS server, plus: a ``_dmarc.*.tempfail.test`` name answers SERVFAIL for
+    FAIL_WINDOW seconds from its first query, then the zone's answer. So each tempfail_once
+    message is tempfailed by the milter on its first attempt, even if the resolver asked twice,
+    and its retry (the client waits at least a second, load_client.BACKOFF) is answered."""
+
+    FAIL_WINDOW = 0.9
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__(host)
-        self._failed_once: set[str] = set()
+        self._first_asked: dict[str, float] = {}
         self._once_lock = threading.Lock()
         self.served_once = 0
 
@@ -181,12 +185,13 @@ class LoadDNSServer(TestDNSServer):
         qname = qname.rstrip(".").lower()
         if (qname.startswith("_dmarc.") and qname.endswith(".tempfail.test")
                 and qname != "_dmarc.tempfail.test"):
+            now = time.monotonic()
             with self._once_lock:
-                first = qname not in self._failed_once
-                self._failed_once.add(qname)
-                if first:
+                first = self._first_asked.setdefault(qname, now)
+                failing = now - first < self.FAIL_WINDOW
+                if failing:
                     self.served_once += 1
-            if first:
+            if failing:
                 reply = request.reply()
                 reply.header.ra = 1
                 reply.header.rcode = RCODE.SERVFAIL
