@@ -28,6 +28,11 @@ _IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on 
 # texts instead of one per token count, so sqlite3's statement cache (128 per connection) keeps
 # them prepared instead of parsing a 300-parameter query for most messages.
 _IN_STEP = 32
+# Reads map the database file (PRAGMA mmap_size) instead of copying its pages into each
+# connection's page cache: the worker processes share one copy in the OS page cache (~10 MB of
+# private memory less per worker for 400k tokens) and a lookup costs less. Address space only;
+# a bigger file is mapped up to this and read the ordinary way beyond it.
+MMAP_BYTES = 256 * 1024 * 1024
 
 
 class StoreError(TrustmilterError):
@@ -71,6 +76,7 @@ class SQLiteTokenStore:
         conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         conn.execute("PRAGMA synchronous = NORMAL")   # durable enough in WAL, much faster
         conn.execute("PRAGMA cache_size = -16000")     # 16 MB page cache per connection
+        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         try:    # built into SQLite from 3.38 on, an option before
             conn.execute("SELECT key FROM json_each('[]')").fetchall()
             self._local.json_each = True
