@@ -32,7 +32,7 @@ def _items(label: str, split: str = "train") -> list[tuple[str, list[str], str]]
 
 def _snapshot(store: SQLiteTokenStore) -> tuple[tuple[int, int], list[tuple[str, int, int]]]:
     rows = store._conn().execute("SELECT token, spam, ham FROM tokens ORDER BY token").fetchall()
-    store._totals_cache = None
+    store._state = None              # the totals are re-read at most once a second
     return store.totals(), rows
 
 
@@ -136,7 +136,7 @@ def test_readers_go_on_while_a_learner_writes(tmp_path: Path) -> None:
     path = tmp_path / "bayes.sqlite"
     writer = SQLiteTokenStore(path)
     writer.learn(_items("ham")[:10] + _items("spam")[:10])
-    reader = SQLiteTokenStore(path, readonly=True, busy_timeout_ms=50)
+    reader = SQLiteTokenStore(path, readonly=True, busy_timeout_ms=50, cache_tokens=0)  # reads SQLite
     tokens = _items("spam", "eval")[0][1]
     before = reader.counts(tokens)
     # Hold the write lock (an open learn transaction) and read from other threads meanwhile.
@@ -195,7 +195,7 @@ def test_check_is_silent_until_trained_and_an_unreadable_store_is_a_symbol(make_
     (tmp_path / "bayes.sqlite").mkdir()        # the file turned into something unreadable
     store = engine.state["content.bayes"].store
     store.close()
-    store._totals_cache = None       # the totals are re-read at most once a second
+    store._state = None              # the totals are re-read at most once a second
     assert "BAYES_ERROR" in evaluate(Envelope(), raw, engine).symbol_names()
 
 

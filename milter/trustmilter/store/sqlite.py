@@ -1,8 +1,18 @@
 """The Bayes token store in SQLite (through sqlite-utils for the schema): WAL so the milter reads
 while ``trustmilter learn`` writes, a busy timeout so a held lock costs an error symbol rather
 than a stalled milter, one connection per thread and process (SQLite connections must not cross
-threads or a fork), and one query per message for all its tokens (their list as one JSON
-parameter).
+threads or a fork), and one query per message for the tokens not in the read cache (their list
+as one JSON parameter).
+
+The read cache: each process keeps the counts of the tokens it looked up recently (known or
+not), at most ``cache_tokens`` of them. Every transaction that changes counts bumps
+``generation`` in ``meta``; a reader re-reads generation and totals at most once every
+``recheck_seconds`` (the read that kept ``totals()`` fresh before the cache existed) and drops
+its whole cache when either moved. So a ``learn`` committed in another process is seen by every
+reader from at most ``recheck_seconds`` after its commit on (the totals always were that stale);
+one in this process at once. A writer that does not know ``generation`` (an older trustmilter)
+still changes the totals, which drops the cache too. No schema change: a database without a
+``generation`` row reads as generation 0 and gets the row with its first learn.
 """
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from itertools import compress, repeat
+from operator import is_
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -28,11 +40,14 @@ _IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on 
 # texts instead of one per token count, so sqlite3's statement cache (128 per connection) keeps
 # them prepared instead of parsing a 300-parameter query for most messages.
 _IN_STEP = 32
+DEFAULT_CACHE_TOKENS = 100_000
+DEFAULT_RECHECK_SECONDS = 1.0
 # Reads map the database file (PRAGMA mmap_size) instead of copying its pages into each
 # connection's page cache: the worker processes share one copy in the OS page cache (~10 MB of
 # private memory less per worker for 400k tokens) and a lookup costs less. Address space only;
 # a bigger file is mapped up to this and read the ordinary way beyond it.
 MMAP_BYTES = 256 * 1024 * 1024
+_UNKNOWN: tuple[()] = ()   # cached for a token the database does not know (falsy, unlike counts)
 
 
 class StoreError(TrustmilterError):
@@ -43,12 +58,27 @@ class SQLiteTokenStore:
     """Token counts in one SQLite file. ``readonly`` opens it for scoring only."""
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 200, readonly: bool = False,
-                 create: bool = True) -> None:
+                 create: bool = True, cache_tokens: int = DEFAULT_CACHE_TOKENS,
+                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS) -> None:
         self.path = str(path)
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.readonly = readonly
+        self.cache_tokens = max(0, int(cache_tokens))
+        self.recheck_seconds = float(recheck_seconds)
         self._local = threading.local()
-        self._totals_cache: tuple[float, tuple[int, int]] | None = None
+        # (when read, (nspam, nham, generation)); None = read it on the next call.
+        self._state: tuple[float, tuple[int, int, int]] | None = None
+        # The read cache: token -> (spam, ham), or _UNKNOWN when the database does not know it. Two
+        # generations rather than an LRU list (which costs more per token, in time and memory):
+        # lookups go to ``_hot``, then ``_cold`` (a hit there moves the token back to ``_hot``);
+        # when ``_hot`` holds half of ``cache_tokens`` it becomes ``_cold`` and the old ``_cold``
+        # is dropped. Tokens used since the last turn stay. At most ``cache_tokens`` are held,
+        # plus the tokens of the (at most two) messages that made ``_hot`` overflow.
+        self._cache_lock = threading.Lock()
+        self._hot: dict[str, tuple[int, int] | tuple[()]] = {}
+        self._cold: dict[str, tuple[int, int] | tuple[()]] = {}
+        # One shared tuple per distinct (spam, ham): a few thousand pairs for 100k cached tokens.
+        self._pairs: dict[tuple[int, int], tuple[int, int]] = {}
         if self.path != ":memory:" and not os.path.exists(self.path):
             if readonly or not create:
                 raise StoreError(f"{self.path}: no Bayes database")
@@ -117,19 +147,74 @@ class SQLiteTokenStore:
         self._local = threading.local()
 
     # ---- reads ------------------------------------------------------------------------------
-    def totals(self) -> tuple[int, int]:
-        # The totals change only when someone learns; re-read them at most once a second.
+    def _current(self) -> tuple[int, int, int]:
+        """(nspam, nham, generation), re-read at most every ``recheck_seconds``: they change only
+        when someone learns. A change drops the token cache (see the module's docstring)."""
         now = time.monotonic()
-        cached = self._totals_cache
-        if cached is not None and now - cached[0] < 1.0:
-            return cached[1]
+        state = self._state
+        if state is not None and now - state[0] < self.recheck_seconds:
+            return state[1]
         rows = dict(self._conn().execute(
-            "SELECT key, value FROM meta WHERE key IN ('nspam', 'nham')").fetchall())
-        totals = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)))
-        self._totals_cache = (now, totals)
-        return totals
+            "SELECT key, value FROM meta WHERE key IN ('nspam', 'nham', 'generation')").fetchall())
+        current = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)),
+                   int(rows.get("generation", 0)))
+        if state is None or state[1] != current:
+            self._drop_cache()
+        self._state = (now, current)
+        return current
+
+    def _drop_cache(self) -> None:
+        # New objects rather than clear(): a reader in another thread that already holds the
+        # old ones finishes with them, and they are garbage after.
+        with self._cache_lock:
+            self._hot, self._cold, self._pairs = {}, {}, {}
+
+    def _changed(self) -> None:
+        """This process wrote: read the totals and tokens afresh from the next call on."""
+        self._state = None
+        self._drop_cache()
+
+    def totals(self) -> tuple[int, int]:
+        nspam, nham, _generation = self._current()
+        return nspam, nham
 
     def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        if not self.cache_tokens:
+            return self._select(tokens)
+        self._current()
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        misses: list[str] = []
+        with self._cache_lock:
+            hot = self._hot
+            # map/compress rather than a Python loop per token: most tokens are in ``_hot``.
+            values = list(map(hot.get, tokens))
+            out = dict(compress(zip(tokens, values), values))   # known (UNKNOWN is falsy)
+            cold_get = self._cold.get
+            for token in compress(tokens, map(is_, values, repeat(None))):
+                value = cold_get(token)
+                if value is None:
+                    misses.append(token)
+                    continue
+                hot[token] = value
+                if value:
+                    out[token] = value
+        if misses:
+            # The query runs outside the lock; what it finds is at least as new as the cache.
+            found = self._select(misses)
+            out.update(found)
+        with self._cache_lock:
+            if hot is not self._hot:    # dropped or turned meanwhile: keep what we read out
+                return out
+            if misses:
+                pairs = self._pairs
+                for token in misses:
+                    value = found.get(token)
+                    hot[token] = _UNKNOWN if value is None else pairs.setdefault(value, value)
+            if 2 * len(hot) >= self.cache_tokens:
+                self._hot, self._cold = {}, hot
+        return out
+
+    def _select(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
         conn = self._conn()
         tokens = list(tokens)
         if self._local.json_each and tokens:
@@ -212,11 +297,13 @@ class SQLiteTokenStore:
                              [(d, lab, now) for d, lab in known.items()])
             self._apply(conn, delta)
             self._bump_totals(conn, nspam, nham)
+            if learned:
+                self._bump_generation(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._totals_cache = None
+        self._changed()
         return learned, skipped
 
     def unlearn(self, items: Iterable[tuple[str, Sequence[str]]]) -> int:
@@ -242,11 +329,13 @@ class SQLiteTokenStore:
                 done += 1
             self._apply(conn, delta)
             self._bump_totals(conn, nspam, nham)
+            if done:
+                self._bump_generation(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._totals_cache = None
+        self._changed()
         return done
 
     @staticmethod
@@ -261,6 +350,12 @@ class SQLiteTokenStore:
             [(t, s, h, s, h) for t, (s, h) in merged.items()])
         if any(s < 0 or h < 0 for s, h in merged.values()):
             conn.execute("DELETE FROM tokens WHERE spam <= 0 AND ham <= 0")
+
+    @staticmethod
+    def _bump_generation(conn: sqlite3.Connection) -> None:
+        # In the writing transaction: readers that see the new counts see the new generation.
+        conn.execute("INSERT INTO meta(key, value) VALUES ('generation', '1') ON CONFLICT(key) DO "
+                     "UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)")
 
     @staticmethod
     def _bump_totals(conn: sqlite3.Connection, nspam: int, nham: int) -> None:
@@ -318,11 +413,12 @@ class SQLiteTokenStore:
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'nham'", (fields.get("nham", "0"),))
                 conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('tokenizer', ?)",
                              (fields.get("tokenizer", ""),))
+                self._bump_generation(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        self._totals_cache = None
+        self._changed()
         return int(count)
 
 
