@@ -35,8 +35,15 @@ _HIDDEN_STYLE = re.compile(
     r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt|em|%)?\s*(?:;|$)"
     r"|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)|max-height\s*:\s*0|(?<![-\w])height\s*:\s*0(?:px)?\s*(?:;|$)",
     re.I)
-_WS = re.compile(r"[ \t\r\f\v\u00a0\u200b\u200c\u200d\u2060\ufeff]+")
+# Runs of blanks, which become one space: only the runs that are not one space already (a
+# space followed by more, or any other blank first), since replacing a lone space by itself
+# was most of the work.
+_WS = re.compile(r" [ \t\r\f\v\u00a0\u200b\u200c\u200d\u2060\ufeff]+"
+                 r"|[\t\r\f\v\u00a0\u200b\u200c\u200d\u2060\ufeff][ \t\r\f\v\u00a0\u200b\u200c\u200d\u2060\ufeff]*")
 _NL = re.compile(r"\s*\n\s*")
+# Tags whose attributes html_to_text reads whatever they say (font: _is_hidden reads its size).
+_ATTRS_READ = frozenset({"a", "img", "area", "form", "input", "meta", "base", "font"})
+_MAY_HIDE = re.compile(r"style|hidden", re.I)
 MAX_STACK = 256
 MAX_LINKS = 200
 
@@ -107,6 +114,7 @@ def html_to_text(source: str) -> HtmlResult:
     hidden: list[str] = []
     alts: list[str] = []
     stack: list[tuple[str, bool]] = []     # (tag, hides its content)
+    open_tags: list[str] = []              # the tags of stack, to find one in C
     hidden_depth = 0
     anchor: tuple[str, list[str]] | None = None
     pos = 0
@@ -135,19 +143,24 @@ def html_to_text(source: str) -> HtmlResult:
                 if len(out.links) < MAX_LINKS:
                     out.links.append(HtmlLink(anchor[0], _WS.sub(" ", "".join(anchor[1])).strip()[:300]))
                 anchor = None
-            # Pop to the matching open tag; a stray close tag is ignored.
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i][0] == tag:
-                    for _t, hid in stack[i:]:
-                        if hid:
-                            hidden_depth -= 1
-                    del stack[i:]
-                    break
+            # Pop to the matching open tag (the innermost); a stray close tag is ignored.
+            if tag in open_tags:
+                i = len(open_tags) - 1 - open_tags[::-1].index(tag)
+                for _t, hid in stack[i:]:
+                    if hid:
+                        hidden_depth -= 1
+                del stack[i:]
+                del open_tags[i:]
             if tag in _BLOCK:
                 visible.append("\n")
             continue
         raw_attrs = match.group(3) or ""
-        attrs = _attrs(raw_attrs) if raw_attrs.strip() else {}
+        # Attributes are parsed where they are read: the tags below, and any other element
+        # whose style or "hidden" could hide it (what _is_hidden reads besides font's).
+        if tag in _ATTRS_READ or (_MAY_HIDE.search(raw_attrs) is not None and tag not in _VOID):
+            attrs = _attrs(raw_attrs) if raw_attrs.strip() else {}
+        else:
+            attrs = {}
         if tag in _RAW_TEXT_END:
             finder = _RAW_TEXT_END[tag].search(source, pos)
             inner_end = finder.start() if finder else length
@@ -195,6 +208,7 @@ def html_to_text(source: str) -> HtmlResult:
         if tag not in _VOID and not raw_attrs.rstrip().endswith("/") and len(stack) < MAX_STACK:
             hides = _is_hidden(tag, attrs)
             stack.append((tag, hides))
+            open_tags.append(tag)
             if hides:
                 hidden_depth += 1
     if anchor is not None and len(out.links) < MAX_LINKS:
