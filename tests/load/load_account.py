@@ -259,8 +259,6 @@ def reconcile(planned: dict[str, str], results: Iterable[dict[str, Any]],
         if final and fate != "rejected" and final[-1]["queue_id"] != result["queue_id"]:
             acc.problems.append(f"{msgid}: history queue id {final[-1]['queue_id']!r}, the "
                                 f"sender was told {result['queue_id']!r}")
-        if fate == "rejected" and not last.startswith("5"):
-            acc.problems.append(f"{msgid}: refused with {last!r}")
         allowed = EXPECTED.get(category)
         if final and allowed is not None and action not in allowed:
             acc.problems.append(f"{msgid}: {category} got {action}, expected one of "

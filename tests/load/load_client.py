@@ -6,8 +6,9 @@ not bound by one GIL):
 It builds its share of the messages from the plan in SPEC.json, prints ``READY``, waits for
 ``GO`` on standard input, then sends with ``threads`` concurrent SMTP sessions. Each session
 takes a planned connection, presents the planned client address and HELO with XCLIENT, and sends
-that connection's messages (MAIL, RCPT, DATA) one after the other. A 4xx (or a connection lost
-before the final reply) is retried like an MTA would, later and on a new connection, with a
+that connection's messages (MAIL, RCPT, DATA) one after the other; with a rate, connections
+start on a schedule (open loop) instead of as soon as a session is free. A 4xx (or a connection
+lost before the final reply) is retried like an MTA would, later and on a new connection, with a
 compressed back-off (1, 2, 4, 8 s: real MTAs wait minutes); a 5xx is final. It writes every
 attempt of every message to RESULTS.json and exits.
 """
@@ -57,9 +58,12 @@ class Outgoing:
 
 
 class Client:
-    def __init__(self, port: int, threads: int, connections: list[list[Outgoing]]) -> None:
+    def __init__(self, port: int, threads: int, connections: list[list[Outgoing]],
+                 rate: float = 0.0) -> None:
         self.port = port
         self.threads = threads
+        self.rate = rate                # messages/s this process offers (0: as fast as it can)
+        self._next_start: float | None = None
         self.pending: deque[list[Outgoing]] = deque(connections)
         self.retries: list[tuple[float, int, Outgoing]] = []   # (due, tiebreak, message)
         self.unresolved = sum(len(c) for c in connections)
@@ -70,13 +74,25 @@ class Client:
 
     # ---- scheduling -----------------------------------------------------------------------
     def next_job(self) -> list[Outgoing] | None:
-        """The next connection's messages: a retry that is due, else a planned connection;
-        None when every message is resolved."""
+        """The next connection's messages: a retry that is due, else a planned connection (at
+        its time when a rate is set); None when every message is resolved."""
         with self.cond:
             while True:
                 now = time.monotonic()
                 if self.retries and self.retries[0][0] <= now:
                     return [heapq.heappop(self.retries)[2]]
+                if self.pending and self.rate:
+                    if self._next_start is None:
+                        self._next_start = now
+                    if self._next_start <= now:
+                        job = self.pending.popleft()
+                        # Open loop: the schedule does not wait for replies; a backlog of more
+                        # than a second (all sessions busy) is not made up in a burst.
+                        self._next_start = max(self._next_start, now - 1.0) + len(job) / self.rate
+                        return job
+                    due = min([self._next_start] + [r[0] for r in self.retries[:1]])
+                    self.cond.wait(max(0.001, due - now))
+                    continue
                 if self.pending:
                     return self.pending.popleft()
                 if self.unresolved == 0:
@@ -201,7 +217,8 @@ def main(argv: list[str]) -> int:
             batch.append(Outgoing(m, conn.profile, sender, raw))
         connections.append(batch)
     messages = [m for batch in connections for m in batch]
-    client = Client(int(spec["port"]), int(spec["threads"]), connections)
+    client = Client(int(spec["port"]), int(spec["threads"]), connections,
+                    rate=float(spec.get("rate", 0.0)))
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         return 2

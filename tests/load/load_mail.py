@@ -291,7 +291,8 @@ def _sender(category: str, rng: random.Random, unique: str) -> tuple[Profile, st
         return (Profile(f"{LISTED_NET}.{rng.randint(1, LISTED_HOSTS)}", "bulk.soft.test"),
                 f"{user}@soft.test")
     if category == "tempfail_once":
-        return Profile(other_ip(), f"mail.t{unique}.tempfail.test"), f"{user}@t{unique}.tempfail.test"
+        domain = f"t{unique}.tempfail.test"
+        return Profile(other_ip(), f"mail.{domain}"), f"{user}@{domain}"
     raise ValueError(category)
 
 
@@ -473,7 +474,8 @@ class Writer:
     def html(self, rng: random.Random, text: str, domain: str) -> str:
         paras = [p for p in text.split("\r\n\r\n") if p.strip()]
         links = [f'<p><a href="https://www.{domain}/p/{rng.getrandbits(32):x}">'
-                 f'{rng.choice(WORDS)} {rng.choice(WORDS)}</a></p>' for _ in range(rng.randint(1, 4))]
+                 f'{rng.choice(WORDS)} {rng.choice(WORDS)}</a></p>'
+                 for _ in range(rng.randint(1, 4))]
         body = "\r\n".join(f"<p>{p}</p>" for p in paras)
         return ("<!DOCTYPE html>\r\n<html><head><meta charset=\"utf-8\"></head><body>\r\n"
                 f"{body}\r\n{''.join(links)}\r\n</body></html>\r\n")
