@@ -234,10 +234,11 @@ class ContentModel:
         # columns were first seen, as the loop over a dict of counts did (cumsum is sequential;
         # "0.0 +" turns a -0.0 total into the 0.0 that sum() gives), over the L2 norm of the
         # counts. Nearly always no two tokens share a column and every count is 1.
-        unique, first, counts = np.unique(columns, return_index=True, return_counts=True)
-        if unique.size == columns.size:
+        ordered = np.sort(columns)
+        if not (ordered[1:] == ordered[:-1]).any():
             total = 0.0 + float(np.cumsum(token_weights[columns].astype(np.float64))[-1])
             return total / math.sqrt(columns.size)
+        unique, first, counts = np.unique(columns, return_index=True, return_counts=True)
         order = np.argsort(first)
         counts = counts[order]
         total = 0.0 + float(np.cumsum(token_weights[unique[order]].astype(np.float64) * counts)[-1])
