@@ -3,6 +3,11 @@
 It serves zone data given as records, answers recursively-shaped responses (CNAMEs followed),
 and misbehaves on cue per name: SERVFAIL, silence (timeout), a delay, or truncation over UDP so
 the client must retry over TCP. Tests point trustmilter's resolver at ``server.address``.
+
+It must stay cheap under load (the load test sends it tens of queries per message on the same
+two cores as the milter): UDP is answered in one thread (a thread only for a delayed answer),
+a name's existence is a set lookup, and a reply already built for the same question bytes is
+reused with the new query id, unless the name misbehaves.
 """
 from __future__ import annotations
 
@@ -35,7 +40,10 @@ class TestDNSServer:
         self.default_behaviour: Behaviour | None = None   # applies to every name
         self.queries: list[tuple[str, str, str]] = []     # (name, type, "udp"/"tcp")
         self._lock = threading.Lock()
-        self._udp: socketserver.ThreadingUDPServer | None = None
+        self._names: set[str] = set()       # every owner name and each of its parents
+        self._replies: dict[tuple[bytes, str], bytes] = {}   # question bytes -> built reply
+        self._udp_sock: socket.socket | None = None
+        self._udp_thread: threading.Thread | None = None
         self._tcp: socketserver.ThreadingTCPServer | None = None
         self.port = 0
 
@@ -54,6 +62,7 @@ class TestDNSServer:
             rr = RR(key + ".", getattr(QTYPE, rtype.upper()), rdata=TXT(chunks), ttl=ttl)
             with self._lock:
                 self.records[key].append(rr)
+                self._added(key)
             return
         assert isinstance(value, str)
         # Parse only the rdata as zone text: owner names may hold characters zone syntax cannot
@@ -62,10 +71,20 @@ class TestDNSServer:
         rrs = [_renamed(rr, key) for rr in RR.fromZone(zone)]
         with self._lock:
             self.records[key].extend(rrs)
+            self._added(key)
+
+    def _added(self, key: str) -> None:
+        """(Under the lock.) Index the name and its parents; forget built replies."""
+        labels = key.split(".")
+        for i in range(len(labels)):
+            self._names.add(".".join(labels[i:]))
+        self._replies.clear()
 
     def clear(self) -> None:
         with self._lock:
             self.records.clear()
+            self._names.clear()
+            self._replies.clear()
             self.behaviour.clear()
             self.typed_behaviour.clear()
             self.default_behaviour = None
@@ -87,16 +106,6 @@ class TestDNSServer:
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> "TestDNSServer":
         server = self
-
-        class UDPHandler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                data, sock = self.request
-                reply = server._answer(data, "udp")
-                if reply is not None:
-                    try:
-                        sock.sendto(reply, self.client_address)
-                    except OSError:   # stopped while a delayed answer waited: drop it
-                        pass
 
         class TCPHandler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
@@ -123,8 +132,9 @@ class TestDNSServer:
                 return buf
 
         for _ in range(20):
-            udp = socketserver.ThreadingUDPServer((self.host, 0), UDPHandler)
-            port = udp.server_address[1]
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((self.host, 0))
+            port = udp.getsockname()[1]
             tcp = socketserver.ThreadingTCPServer((self.host, port), TCPHandler,
                                                   bind_and_activate=False)
             try:
@@ -132,25 +142,69 @@ class TestDNSServer:
                 tcp.server_bind()
                 tcp.server_activate()
             except OSError:   # that port is taken for TCP: both closed, try another
-                udp.server_close()
+                udp.close()
                 tcp.server_close()
                 continue
             break
         else:  # pragma: no cover
             raise RuntimeError("no free port for the test DNS server")
-        udp.daemon_threads = tcp.daemon_threads = True
-        self._udp, self._tcp, self.port = udp, tcp, port
-        for srv in (udp, tcp):
-            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                             daemon=True).start()
+        tcp.daemon_threads = True
+        self._udp_sock, self._tcp, self.port = udp, tcp, port
+        self._udp_thread = threading.Thread(target=self._serve_udp, args=(udp,), daemon=True)
+        self._udp_thread.start()
+        threading.Thread(target=tcp.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
         return self
 
+    def _serve_udp(self, sock: socket.socket) -> None:
+        """Answer datagrams in this thread; a delayed answer waits in a thread of its own."""
+        while True:
+            try:
+                data, client = sock.recvfrom(65535)
+            except OSError:
+                return   # closed by stop()
+            if self._delay_of(data) is not None:
+                threading.Thread(target=self._reply_udp, args=(sock, data, client),
+                                 daemon=True).start()
+            else:
+                self._reply_udp(sock, data, client)
+
+    def _reply_udp(self, sock: socket.socket, data: bytes, client: tuple[str, int]) -> None:
+        reply = self._answer(data, "udp")
+        if reply is not None:
+            try:
+                sock.sendto(reply, client)
+            except OSError:   # stopped while a delayed answer waited: drop it
+                pass
+
+    def _delay_of(self, data: bytes) -> float | None:
+        question = _question(data)
+        if question is None:
+            return None
+        behaviour = self._behaviour(*question)
+        if behaviour and behaviour.startswith("delay:"):
+            return float(behaviour.split(":", 1)[1])
+        return None
+
+    def _behaviour(self, qname: str, qtype: str) -> Behaviour | None:
+        return (self.typed_behaviour.get((qname, qtype.upper()))
+                or self.behaviour.get(qname) or self.default_behaviour)
+
     def stop(self) -> None:
-        for srv in (self._udp, self._tcp):
-            if srv is not None:
-                srv.shutdown()
-                srv.server_close()
-        self._udp = self._tcp = None
+        if self._udp_sock is not None:
+            # shutdown() wakes the thread blocked in recvfrom (close alone would not).
+            try:
+                self._udp_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._udp_sock.close()
+            if self._udp_thread is not None:
+                self._udp_thread.join(5)
+        if self._tcp is not None:
+            self._tcp.shutdown()
+            self._tcp.server_close()
+        self._udp_sock = self._tcp = None
+        self._udp_thread = None
 
     def __enter__(self) -> "TestDNSServer":
         return self.start()
@@ -160,6 +214,16 @@ class TestDNSServer:
 
     # ----- answering -------------------------------------------------------------------------
     def _answer(self, data: bytes, transport: str) -> bytes | None:
+        question = _question(data)
+        if question is not None:
+            qname, qtype_text = question
+            with self._lock:
+                self.queries.append((qname, qtype_text, transport))
+            behaviour = self._behaviour(qname, qtype_text)
+            if behaviour is None:
+                built = self._replies.get((data[2:], transport))
+                if built is not None:
+                    return data[:2] + built[2:]   # the same reply, this query's id
         try:
             request = DNSRecord.parse(data)
         except (DNSError, Exception):  # noqa: BLE001
@@ -169,10 +233,10 @@ class TestDNSServer:
         qname = _norm(".".join(label.decode("utf-8", "surrogateescape")
                                for label in request.q.qname.label))
         qtype = QTYPE.get(request.q.qtype, str(request.q.qtype))
-        with self._lock:
-            self.queries.append((qname, str(qtype), transport))
-        behaviour = (self.typed_behaviour.get((qname, str(qtype).upper()))
-                     or self.behaviour.get(qname) or self.default_behaviour)
+        if question is None:
+            with self._lock:
+                self.queries.append((qname, str(qtype), transport))
+        behaviour = self._behaviour(qname, str(qtype))
         reply = request.reply()
         reply.header.ra = 1
         if behaviour == "timeout":
@@ -200,7 +264,11 @@ class TestDNSServer:
                 short = request.reply()
                 short.header.tc = 1
                 short.header.ra = 1
-                return short.pack()
+                packed = short.pack()
+        if behaviour is None and question is not None:
+            with self._lock:
+                if len(self._replies) < 100_000:
+                    self._replies[(data[2:], transport)] = packed
         return packed
 
     def _lookup(self, name: str) -> list[RR]:
@@ -216,10 +284,7 @@ class TestDNSServer:
 
     def _exists(self, name: str) -> bool:
         with self._lock:
-            if name in self.records:
-                return True
-            suffix = "." + name
-            return any(k.endswith(suffix) for k in self.records)
+            return name in self._names
 
     def _resolve(self, name: str, qtype: int) -> tuple[list[RR], bool]:
         out: list[RR] = []
@@ -236,6 +301,29 @@ class TestDNSServer:
                 continue
             return out, exists or bool(out)
         return out, True
+
+
+def _question(data: bytes) -> tuple[str, str] | None:
+    """(name, type) of a plain one-question query, read straight from the bytes (dnslib's full
+    parse is most of the cost of an answer); None for anything unusual (dnslib decides then)."""
+    if len(data) < 17 or data[4:6] != b"\x00\x01":
+        return None
+    labels, pos = [], 12
+    while True:
+        if pos >= len(data):
+            return None
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length & 0xC0:
+            return None   # compression in a question: let dnslib read it
+        labels.append(data[pos + 1:pos + 1 + length].decode("utf-8", "surrogateescape"))
+        pos += 1 + length
+    if pos + 4 > len(data):
+        return None
+    qtype = int.from_bytes(data[pos:pos + 2], "big")
+    return _norm(".".join(labels)), str(QTYPE.get(qtype, str(qtype)))
 
 
 def _renamed(rr: RR, name: str) -> RR:
