@@ -123,8 +123,11 @@ def compare(dump: list[dict[str, Any]], path: Path) -> list[str]:
 
 
 def run_in_process(limit: int | None, repeat: int, split: str = "test",
-                   dump: Path | None = None, against: Path | None = None) -> dict[str, object]:
+                   dump: Path | None = None, against: Path | None = None,
+                   extra_config: str = "") -> dict[str, object]:
     import multiprocessing
+
+    import yaml
 
     from trustmilter.config import load_config
     from trustmilter.pipeline import Engine
@@ -144,9 +147,14 @@ def run_in_process(limit: int | None, repeat: int, split: str = "test",
         address = ready.get(timeout=60)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.process_time()
-            engine = Engine.from_config(load_config(None, {
-                "authserv_id": "mx.bench.example", "dns": {"server": address},
-                "state": {"dir": tmp}}))
+            overrides: dict[str, Any] = {"authserv_id": "mx.bench.example",
+                                         "dns": {"server": address}, "state": {"dir": tmp}}
+            for key, value in (yaml.safe_load(extra_config) or {}).items():
+                if isinstance(value, dict):
+                    overrides[key] = {**overrides.get(key, {}), **value}
+                else:
+                    overrides[key] = value
+            engine = Engine.from_config(load_config(None, overrides))
             build_cpu = time.process_time() - t0
             given = EnvelopeOptions()
             for raw in raws[:5]:   # warm-up: first SQLite pages, lazily built state
@@ -198,7 +206,8 @@ def main() -> int:
                         help="--in-process: fail when a verdict differs from this dump")
     args = parser.parse_args()
     if args.in_process:
-        res = run_in_process(args.limit, args.repeat, args.split, args.dump, args.compare)
+        res = run_in_process(args.limit, args.repeat, args.split, args.dump, args.compare,
+                             args.extra_config)
         print(json.dumps(res, indent=2))
         best_run = min(res["runs"], key=lambda r: r["cpu_ms_per_msg"])  # type: ignore[index]
         print(f"\nevaluate in one process: {best_run['messages']} messages, "

@@ -13,6 +13,19 @@ reader from at most ``recheck_seconds`` after its commit on (the totals always w
 one in this process at once. A writer that does not know ``generation`` (an older trustmilter)
 still changes the totals, which drops the cache too. No schema change: a database without a
 ``generation`` row reads as generation 0 and gets the row with its first learn.
+
+The snapshot: after ``snapshot_after`` messages scored from SQLite, a process reads every token
+once (one read transaction, with the totals and generation it belongs to) into three numpy
+arrays: the tokens' 64-bit ``hash()`` sorted, and their spam and ham counts (16 bytes a token:
+6.4 MB for 400k), and looks a message's tokens up with one ``searchsorted`` instead of a query
+(0.12 instead of 0.32 ms CPU per message of the corpus test split, after ~0.55 s to
+read 400k tokens). It answers only while (nspam, nham, generation)
+is what it was read with; after a change the SQLite path answers again and, after another
+``snapshot_after`` messages, a new snapshot is read in the background. Tokens are known by
+their hash alone there, as SpamAssassin (40 bits) and rspamd (64 bits) store them: a token the
+database does not know matches one it does with probability (tokens known) / 2**64, 2e-14 for
+400k. Tokens of the database whose hashes collide are left out and read from SQLite. ``hash()``
+of a string is salted per interpreter, so each process (or its fork parent) builds its own.
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ from operator import is_
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import sqlite_utils
 
 from trustmilter.errors import TrustmilterError
@@ -42,6 +56,8 @@ _IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on 
 _IN_STEP = 32
 DEFAULT_CACHE_TOKENS = 100_000
 DEFAULT_RECHECK_SECONDS = 1.0
+DEFAULT_SNAPSHOT_AFTER = 1000
+_SNAPSHOT_FETCH = 20_000   # rows per fetch while reading a snapshot (bounds its transient memory)
 # Reads map the database file (PRAGMA mmap_size) instead of copying its pages into each
 # connection's page cache: the worker processes share one copy in the OS page cache (~10 MB of
 # private memory less per worker for 400k tokens) and a lookup costs less. Address space only;
@@ -59,7 +75,8 @@ class SQLiteTokenStore:
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 200, readonly: bool = False,
                  create: bool = True, cache_tokens: int = DEFAULT_CACHE_TOKENS,
-                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS) -> None:
+                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
+                 snapshot_after: int = DEFAULT_SNAPSHOT_AFTER) -> None:
         self.path = str(path)
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.readonly = readonly
@@ -79,6 +96,13 @@ class SQLiteTokenStore:
         self._cold: dict[str, tuple[int, int] | tuple[()]] = {}
         # One shared tuple per distinct (spam, ham): a few thousand pairs for 100k cached tokens.
         self._pairs: dict[tuple[int, int], tuple[int, int]] = {}
+        # The snapshot (see the module's docstring); messages scored from SQLite since it was
+        # last (re)built or went stale; the pid of the process whose thread is building one.
+        # (A ":memory:" database is one per connection: another one could not read it.)
+        self.snapshot_after = max(0, int(snapshot_after)) if self.path != ":memory:" else 0
+        self._snapshot: _Snapshot | None = None
+        self._since_snapshot = 0
+        self._building: int | None = None
         if self.path != ":memory:" and not os.path.exists(self.path):
             if readonly or not create:
                 raise StoreError(f"{self.path}: no Bayes database")
@@ -172,6 +196,7 @@ class SQLiteTokenStore:
     def _changed(self) -> None:
         """This process wrote: read the totals and tokens afresh from the next call on."""
         self._state = None
+        self._snapshot = None
         self._drop_cache()
 
     def totals(self) -> tuple[int, int]:
@@ -179,9 +204,21 @@ class SQLiteTokenStore:
         return nspam, nham
 
     def counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        state = self._current()
+        snapshot = self._snapshot
+        if snapshot is not None:
+            if snapshot.state == state:
+                found, ambiguous = snapshot.counts(tokens)
+                if ambiguous:
+                    found.update(self._select(ambiguous))
+                return found
+            self._snapshot = None      # stale: someone learned
+        if self.snapshot_after:
+            self._since_snapshot += 1
+            if self._since_snapshot >= self.snapshot_after and self._building != os.getpid():
+                self._start_snapshot()
         if not self.cache_tokens:
             return self._select(tokens)
-        self._current()
         tokens = tokens if isinstance(tokens, list) else list(tokens)
         misses: list[str] = []
         with self._cache_lock:
@@ -213,6 +250,57 @@ class SQLiteTokenStore:
             if 2 * len(hot) >= self.cache_tokens:
                 self._hot, self._cold = {}, hot
         return out
+
+    # ---- the snapshot -------------------------------------------------------------------------
+    def _start_snapshot(self) -> None:
+        self._building = os.getpid()
+        self._since_snapshot = 0
+        threading.Thread(target=self._build_snapshot, name="bayes-snapshot", daemon=True).start()
+
+    def _build_snapshot(self) -> None:
+        try:
+            snapshot = self.read_snapshot()
+        except (sqlite3.Error, MemoryError) as exc:
+            # The SQLite path keeps answering; a next try comes after snapshot_after messages.
+            import logging
+            logging.getLogger("trustmilter.bayes").warning(
+                "Bayes snapshot of %s not read (%s); reading tokens from SQLite", self.path, exc)
+        else:
+            self._snapshot = snapshot
+            self._drop_cache()     # the snapshot answers from now on: free the cache's memory
+        finally:
+            self._building = None
+
+    def read_snapshot(self) -> "_Snapshot":
+        """Every token's counts, and the totals and generation they belong to, read in one
+        transaction (a ``learn`` committing meanwhile is not half seen)."""
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+            conn.execute("BEGIN")
+            try:
+                rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                         "('nspam', 'nham', 'generation')").fetchall())
+                state = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)),
+                         int(rows.get("generation", 0)))
+                size = int(conn.execute("SELECT count(*) FROM tokens").fetchone()[0])
+                hashes = np.empty(size, dtype=np.int64)
+                spam = np.empty(size, dtype=np.int64)
+                ham = np.empty(size, dtype=np.int64)
+                cursor = conn.execute("SELECT token, spam, ham FROM tokens")
+                at = 0
+                while rows_ := cursor.fetchmany(_SNAPSHOT_FETCH):
+                    tokens, spams, hams = zip(*rows_)
+                    end = at + len(rows_)
+                    hashes[at:end] = np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens))
+                    spam[at:end] = spams
+                    ham[at:end] = hams
+                    at = end
+            finally:
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return _Snapshot.build(state, hashes[:at], spam[:at], ham[:at])
 
     def _select(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
         conn = self._conn()
@@ -447,3 +535,52 @@ def _learned_rows(src: Iterator[str]) -> Iterator[tuple[str, str]]:
     for line in src:
         digest, label = line.rstrip("\n").split("\t")
         yield digest, label
+
+
+class _Snapshot:
+    """Token counts by 64-bit hash, as of one (nspam, nham, generation)."""
+
+    __slots__ = ("state", "hashes", "spam", "ham", "ambiguous")
+
+    def __init__(self, state: tuple[int, int, int], hashes: np.ndarray, spam: np.ndarray,
+                 ham: np.ndarray, ambiguous: frozenset[int]) -> None:
+        self.state, self.hashes, self.spam, self.ham = state, hashes, spam, ham
+        self.ambiguous = ambiguous
+
+    @classmethod
+    def build(cls, state: tuple[int, int, int], hashes: np.ndarray, spam: np.ndarray,
+              ham: np.ndarray) -> "_Snapshot":
+        order = np.argsort(hashes, kind="stable")
+        hashes, spam, ham = hashes[order], spam[order], ham[order]
+        # Counts fit 32 bits in any real database: half the memory.
+        count_type = np.int32 if (spam.size == 0 or (max(int(spam.max()), int(ham.max())) < 2**31
+                                                      and min(int(spam.min()), int(ham.min())) >= -2**31)) else np.int64
+        ambiguous: frozenset[int] = frozenset()
+        same = hashes[1:] == hashes[:-1]
+        if same.any():     # two tokens of the database share a hash: both go to SQLite
+            collided = np.unique(hashes[1:][same])
+            keep = ~np.isin(hashes, collided)
+            hashes, spam, ham = hashes[keep], spam[keep], ham[keep]
+            ambiguous = frozenset(collided.tolist())
+        return cls(state, hashes, spam.astype(count_type), ham.astype(count_type), ambiguous)
+
+    def __len__(self) -> int:
+        return int(self.hashes.size)
+
+    def counts(self, tokens: Sequence[str]) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """(counts of the tokens found, tokens whose hash is ambiguous here)."""
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        hashes = self.hashes
+        if not tokens or not hashes.size:
+            return {}, []
+        wanted = np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens))
+        at = np.searchsorted(hashes, wanted)
+        np.minimum(at, hashes.size - 1, out=at)
+        hit = hashes[at] == wanted
+        where = np.flatnonzero(hit).tolist()
+        rows = at[hit]
+        found = dict(zip(map(tokens.__getitem__, where),
+                         zip(self.spam[rows].tolist(), self.ham[rows].tolist())))
+        if self.ambiguous:
+            return found, [t for t in tokens if hash(t) in self.ambiguous]
+        return found, []

@@ -1,0 +1,115 @@
+"""The token store's in-memory snapshot: it answers exactly as the database does, only for the
+totals and generation it was read with, is read again after a learn, and sends tokens whose
+hashes collide to SQLite."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.unit.test_bayes_cache import _fresh, _in_another_process, _items, _wait_until
+from trustmilter.store.sqlite import SQLiteTokenStore, _Snapshot
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> Path:
+    path = tmp_path / "bayes.sqlite"
+    store = SQLiteTokenStore(path)
+    store.learn(_items("ham") + _items("spam"))
+    store.close()
+    return path
+
+
+def _queries() -> list[list[str]]:
+    messages = [t for _d, t, _l in _items("ham", "eval") + _items("spam", "eval") + _items("spam")]
+    unknown = [f"never-seen-{i}" for i in range(50)]
+    return messages + [messages[0] + unknown, messages[1] * 2, [], unknown,
+                       sorted({t for m in messages for t in m})]
+
+
+def _wait_for_snapshot(store: SQLiteTokenStore, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while store._snapshot is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store._snapshot is not None, "no snapshot was read"
+
+
+def test_the_snapshot_answers_as_the_database_does(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteTokenStore(trained, readonly=True, snapshot_after=3)
+    plain = SQLiteTokenStore(trained, readonly=True, cache_tokens=0, snapshot_after=0)
+    queries = _queries()
+    for tokens in queries[:3]:          # from SQLite; the third starts the snapshot
+        assert store.counts(tokens) == plain.counts(tokens)
+    _wait_for_snapshot(store)
+    assert len(store._snapshot) == plain.token_count() > 0
+    assert not store._hot and not store._cold      # the cache's memory is given back
+
+    def no_sql(tokens: object) -> None:
+        raise AssertionError("read from SQLite while the snapshot is current")
+    monkeypatch.setattr(store, "_select", no_sql)
+    for tokens in queries:
+        assert store.counts(tokens) == plain.counts(tokens)
+
+
+def test_a_learn_elsewhere_retires_the_snapshot_and_a_new_one_is_read(trained: Path) -> None:
+    tokens = _items("spam", "eval")[0][1]
+    store = SQLiteTokenStore(trained, readonly=True, recheck_seconds=0.2, snapshot_after=2)
+    store.counts(tokens)
+    store.counts(tokens)
+    _wait_for_snapshot(store)
+    old = store._snapshot
+    before = store.counts(tokens)
+    committed = _in_another_process(trained, [("new-spam", tokens, "spam")])
+    now_totals, now_counts = _fresh(trained, tokens)
+    assert now_counts != before
+    _wait_until(committed + 0.2)
+    assert store.counts(tokens) == now_counts          # SQLite again: the snapshot is stale
+    assert store._snapshot is None
+    store.counts(tokens)                                # the second message reads a new one
+    _wait_for_snapshot(store)
+    assert store._snapshot is not old and store._snapshot.state[:2] == now_totals
+    assert store.counts(tokens) == now_counts
+
+
+def test_this_process_learning_retires_its_snapshot_at_once(trained: Path) -> None:
+    tokens = _items("spam", "eval")[0][1]
+    store = SQLiteTokenStore(trained, recheck_seconds=3600, snapshot_after=1)
+    before = store.counts(tokens)
+    _wait_for_snapshot(store)
+    store.learn([("new-spam", tokens, "spam")])
+    assert store._snapshot is None
+    assert store.counts(tokens) == _fresh(trained, tokens)[1] != before
+
+
+def test_tokens_whose_hashes_collide_are_read_from_sqlite(trained: Path) -> None:
+    store = SQLiteTokenStore(trained, readonly=True, snapshot_after=0)
+    tokens = _items("spam", "eval")[0][1]
+    truth = _fresh(trained, tokens)[1]
+    real = store.read_snapshot()
+    known = [t for t in tokens if t in truth]
+    a, b = known[0], known[1]
+    # Pretend a and b hash alike: rows for both under a's hash.
+    hashes = np.append(real.hashes, hash(a))
+    spam = np.append(real.spam, 10**6)
+    ham = np.append(real.ham, 10**6)
+    collided = _Snapshot.build(real.state, hashes, spam, ham)
+    assert hash(a) in collided.ambiguous and len(collided) == len(real) - 1
+    found, ambiguous = collided.counts(tokens)
+    assert ambiguous == [t for t in tokens if t == a] and a not in found
+    assert found[b] == truth[b]
+    store._snapshot = collided
+    assert store.counts(tokens) == truth
+
+
+def test_snapshot_after_comes_from_the_bayes_section(tmp_path: Path) -> None:
+    from trustmilter.config import load_config
+    from trustmilter.content.registry import open_bayes_store
+    section = dict(load_config(None).section("bayes"), seed_from_model=False)
+    default = open_bayes_store({**section, "path": str(tmp_path / "a.sqlite")})
+    assert default.snapshot_after == section["snapshot_after"] > 0
+    off = open_bayes_store({**section, "path": str(tmp_path / "a.sqlite"), "snapshot_after": 0})
+    for _ in range(5):
+        off.counts(["x"])
+    assert off._snapshot is None and off._building is None
