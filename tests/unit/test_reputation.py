@@ -314,8 +314,14 @@ def test_concurrent_reader_while_the_writer_writes(tmp_path) -> None:
     threads = [threading.Thread(target=read, args=(mine,)) for mine in seen]
     for t in threads:
         t.start()
-    for _ in range(100):
+    for i in range(100):
         writer.record([(["net:81.2.69.0/24"], "junk", T0)] * 10)
+        if i % 10 == 0:     # on a busy machine, let every reader in between some of the writes
+            deadline = time.monotonic() + 5
+            counts = [len(mine) for mine in seen]
+            while (any(len(mine) == n for mine, n in zip(seen, counts))
+                   and time.monotonic() < deadline and not errors):
+                time.sleep(0.001)
     done.set()
     for t in threads:
         t.join()
