@@ -283,10 +283,14 @@ class SQLiteTokenStore:
                                          "('nspam', 'nham', 'generation')").fetchall())
                 state = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)),
                          int(rows.get("generation", 0)))
-                size = int(conn.execute("SELECT count(*) FROM tokens").fetchone()[0])
+                size, low, high = conn.execute(
+                    "SELECT count(*), min(min(spam), min(ham)), max(max(spam), max(ham)) "
+                    "FROM tokens").fetchone()
+                # Counts fit 32 bits in any real database: half the memory.
+                count_type = np.int32 if -2**31 <= (low or 0) and (high or 0) < 2**31 else np.int64
                 hashes = np.empty(size, dtype=np.int64)
-                spam = np.empty(size, dtype=np.int64)
-                ham = np.empty(size, dtype=np.int64)
+                spam = np.empty(size, dtype=count_type)
+                ham = np.empty(size, dtype=count_type)
                 cursor = conn.execute("SELECT token, spam, ham FROM tokens")
                 at = 0
                 while rows_ := cursor.fetchmany(_SNAPSHOT_FETCH):
@@ -550,11 +554,11 @@ class _Snapshot:
     @classmethod
     def build(cls, state: tuple[int, int, int], hashes: np.ndarray, spam: np.ndarray,
               ham: np.ndarray) -> "_Snapshot":
+        # Sorted in place and gathered once: ~1.7 times the snapshot's size at the peak.
         order = np.argsort(hashes, kind="stable")
-        hashes, spam, ham = hashes[order], spam[order], ham[order]
-        # Counts fit 32 bits in any real database: half the memory.
-        count_type = np.int32 if (spam.size == 0 or (max(int(spam.max()), int(ham.max())) < 2**31
-                                                      and min(int(spam.min()), int(ham.min())) >= -2**31)) else np.int64
+        hashes.sort(kind="stable")
+        spam, ham = spam[order], ham[order]
+        del order
         ambiguous: frozenset[int] = frozenset()
         same = hashes[1:] == hashes[:-1]
         if same.any():     # two tokens of the database share a hash: both go to SQLite
@@ -562,7 +566,7 @@ class _Snapshot:
             keep = ~np.isin(hashes, collided)
             hashes, spam, ham = hashes[keep], spam[keep], ham[keep]
             ambiguous = frozenset(collided.tolist())
-        return cls(state, hashes, spam.astype(count_type), ham.astype(count_type), ambiguous)
+        return cls(state, hashes, spam, ham, ambiguous)
 
     def __len__(self) -> int:
         return int(self.hashes.size)
