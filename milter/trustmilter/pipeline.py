@@ -3,8 +3,9 @@ share. It is a function of (envelope, raw message, engine), where the engine hol
 resolver and state, so worker processes can each build one and run it."""
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
+import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,8 +70,7 @@ class Engine:
 
 
 _default_engine: Engine | None = None
-_executor: cf.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
+_threads_lock = threading.Lock()
 
 
 def default_engine() -> Engine:
@@ -80,16 +80,61 @@ def default_engine() -> Engine:
     return _default_engine
 
 
-def _pool() -> cf.ThreadPoolExecutor:
-    # Checks mostly wait on DNS: threads overlap the waits. Created lazily so that a milter
-    # process can block signals before any thread exists (see PITFALLS: libmilter signals).
-    # Threads start only when none is idle, so the ceiling is cheap; it is high so that checks
-    # abandoned at a deadline (still waiting on a dead DNS server) cannot starve new messages.
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = cf.ThreadPoolExecutor(max_workers=64, thread_name_prefix="check")
-        return _executor
+class CheckThreads:
+    """Threads for the checks that wait on DNS: they overlap the waits. Leaner than a
+    ThreadPoolExecutor, which this replaced (a Future with its Condition per check, a waiter
+    installed on every running Future at every wait): a task is a callable on one queue, and
+    each message reads its results from its own queue. Measured with 9 threaded and 4 inline
+    no-op checks: ~290 -> ~160 us of CPU per message (the futex calls of the hand-offs stay,
+    ~75 per message). Threads start when no idle one can take a task; the ceiling is high
+    so that checks abandoned at a deadline (still waiting on a dead DNS server) cannot starve
+    new messages. Daemon threads: such a check must not hold up a process that exits."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._threads = self._idle = self._queued = 0
+        self._pid = os.getpid()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._pid != os.getpid():     # forked: the parent's threads are not here
+                self._reset()
+            self._queued += 1
+            start = self._queued > self._idle and self._threads < self.limit
+            if start:
+                self._threads += 1
+        if start:
+            threading.Thread(target=self._run, name=f"check-{self._threads}", daemon=True).start()
+        self._tasks.put(task)
+
+    def _run(self) -> None:
+        tasks = self._tasks
+        while True:
+            with self._lock:
+                self._idle += 1
+            task = tasks.get()
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
+            task()
+
+
+_threads: CheckThreads | None = None
+
+
+def _check_threads() -> CheckThreads:
+    # Created lazily so that a milter process can block signals before any thread exists (see
+    # PITFALLS: libmilter signals).
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            _threads = CheckThreads()
+        return _threads
 
 
 def evaluate(envelope: Envelope, raw: bytes, engine: Engine | None = None,
@@ -138,8 +183,12 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
                 symbols: list[Symbol], deadline: float) -> dict[str, CheckResult]:
     pending = [m for m in engine.checks if m.NAME not in engine.disabled]
     done: dict[str, CheckResult] = {}
-    running: dict[cf.Future[CheckResult], ModuleType] = {}
-    pool = _pool()
+    running: dict[str, ModuleType] = {}
+    # What the threads finished, in order: (module, result, exception). A check that overruns
+    # the deadline posts here after this message is decided; nobody reads it then.
+    finished: queue.SimpleQueue[tuple[ModuleType, CheckResult | None, BaseException | None]] = \
+        queue.SimpleQueue()
+    threads = _check_threads()
     # Checks whose own DNS work is bounded by the session deadline get a little grace on top.
     hard_stop = time.monotonic() + deadline + 2.0
 
@@ -150,15 +199,25 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
             pending.remove(module)
         return out
 
-    def finish(module: ModuleType, run: Callable[[], CheckResult]) -> None:
-        try:
-            result = run()
-        except Exception as exc:  # noqa: BLE001 - a failing check is a symbol, not a lost message
-            log.exception("check %s failed", module.NAME)
+    def finish(module: ModuleType, result: CheckResult | None, exc: BaseException | None) -> None:
+        if exc is not None or result is None:
+            # A failing check is a symbol, not a lost message.
+            log.error("check %s failed", module.NAME, exc_info=exc)
             result = CheckResult(symbols=[ctx.symbol(
                 f"{module.NAME.upper()}_ERROR", f"{type(exc).__name__}: {exc}"[:200])])
+        running.pop(module.NAME, None)
         done[module.NAME] = result
         ctx.results[module.NAME] = result
+
+    def in_thread(module: ModuleType) -> Callable[[], None]:
+        def task() -> None:
+            try:
+                result = _timed(module, ctx, timings)
+            except BaseException as exc:  # noqa: BLE001 - reported by finish()
+                finished.put((module, None, exc))
+            else:
+                finished.put((module, result, None))
+        return task
 
     inline: list[ModuleType] = []
     while True:
@@ -166,32 +225,38 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
         # INLINE (local CPU work only: content, rules, SQLite reads) then run in this thread
         # meanwhile, one at a time, which saves a thread hand-off and a wake-up each. Between
         # two, finished threads are collected so that their dependants (DMARC) start at once.
-        for fut in [f for f in running if f.done()]:
-            finish(running.pop(fut), fut.result)
+        while running:
+            try:
+                finish(*finished.get_nowait())
+            except queue.Empty:
+                break
         for module in ready():
             if getattr(module, "INLINE", False):
                 inline.append(module)
             else:
-                running[pool.submit(_timed, module, ctx, timings)] = module
+                running[module.NAME] = module
+                threads.submit(in_thread(module))
         if inline:
             module = inline.pop(0)
-            finish(module, lambda m=module: _timed(m, ctx, timings))  # type: ignore[misc]
+            try:
+                result = _timed(module, ctx, timings)
+            except Exception as exc:  # noqa: BLE001
+                finish(module, None, exc)
+            else:
+                finish(module, result, None)
             continue   # its result may make more checks ready
         if not running:
             break
-        left = hard_stop - time.monotonic()
-        finished, _ = cf.wait(running, timeout=max(0.0, left), return_when=cf.FIRST_COMPLETED)
-        if not finished:
-            for fut, module in running.items():
-                fut.cancel()
+        try:
+            finish(*finished.get(timeout=max(0.0, hard_stop - time.monotonic())))
+        except queue.Empty:
+            for module in running.values():
                 symbols.append(ctx.symbol(f"{module.NAME.upper()}_TIMEOUT",
                                           f"{module.NAME} did not finish within the deadline"))
                 log.error("check %s timed out", module.NAME)
                 done[module.NAME] = CheckResult()
             running.clear()
             break
-        for fut in finished:
-            finish(running.pop(fut), fut.result)
     for module in pending:  # dependencies never finished
         done[module.NAME] = CheckResult()
     return done
