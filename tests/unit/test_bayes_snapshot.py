@@ -9,17 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.unit.test_bayes_cache import _fresh, _in_another_process, _items, _wait_until
+from tests.unit.test_bayes_cache import (_fresh, _in_another_process, _items, _wait_until,  # noqa: F401
+                                         trained)
 from trustmilter.store.sqlite import SQLiteTokenStore, _Snapshot
-
-
-@pytest.fixture
-def trained(tmp_path: Path) -> Path:
-    path = tmp_path / "bayes.sqlite"
-    store = SQLiteTokenStore(path)
-    store.learn(_items("ham") + _items("spam"))
-    store.close()
-    return path
 
 
 def _queries() -> list[list[str]]:
