@@ -231,7 +231,7 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
             except queue.Empty:
                 break
         for module in ready():
-            if getattr(module, "INLINE", False):
+            if getattr(module, "INLINE", False) or _runs_inline(module, ctx):
                 inline.append(module)
             else:
                 running[module.NAME] = module
@@ -260,6 +260,18 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
     for module in pending:  # dependencies never finished
         done[module.NAME] = CheckResult()
     return done
+
+
+def _runs_inline(module: ModuleType, ctx: CheckContext) -> bool:
+    """A threaded check with nothing to look up in this message runs in this thread: waking a
+    check thread costs ~30 us of CPU (measured on a 2-core VM), a no-op check far less."""
+    decide = getattr(module, "runs_inline", None)
+    if decide is None:
+        return False
+    try:
+        return bool(decide(ctx))
+    except Exception:  # noqa: BLE001 - then it runs as always, in a thread
+        return False
 
 
 def _timed(module: ModuleType, ctx: CheckContext, timings: dict[str, float]) -> CheckResult:

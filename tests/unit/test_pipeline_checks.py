@@ -140,3 +140,34 @@ def test_check_threads_work_in_a_forked_child() -> None:
         os._exit(0 if child_ran.wait(10) else 1)
     _pid, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("decision, in_main", [(True, True), (False, False), (None, False)])
+def test_runs_inline_decides_per_message(decision: bool | None, in_main: bool) -> None:
+    where: list[threading.Thread] = []
+
+    def run(ctx: Any) -> CheckResult:
+        where.append(threading.current_thread())
+        return CheckResult()
+    module = _check("maybe", run)
+
+    def runs_inline(ctx: Any) -> bool:
+        if decision is None:
+            raise RuntimeError("cannot tell")       # then it runs in a thread, as always
+        return decision
+    module.runs_inline = runs_inline
+    done, _symbols, _timings, _ctx = _run([module])
+    assert "maybe" in done and done["maybe"].symbols == []
+    assert (where[0] is threading.main_thread()) == in_main
+
+
+def test_dkim_and_arc_run_inline_only_without_their_headers() -> None:
+    from trustmilter.checks import arc, dkim
+    from trustmilter.message import ParsedMessage
+    plain = ParsedMessage.parse(b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n")
+    signed = ParsedMessage.parse(b"dkim-Signature: v=1; d=example.org\r\nFrom: a@example.org\r\n\r\nb\r\n")
+    sealed = ParsedMessage.parse(b"ARC-Authentication-Results: i=1; mx.example\r\nFrom: a@example.org\r\n\r\nb\r\n")
+    ctx = types.SimpleNamespace
+    assert dkim.runs_inline(ctx(message=plain)) and arc.runs_inline(ctx(message=plain))
+    assert not dkim.runs_inline(ctx(message=signed)) and arc.runs_inline(ctx(message=signed))
+    assert dkim.runs_inline(ctx(message=sealed)) and not arc.runs_inline(ctx(message=sealed))

@@ -333,6 +333,14 @@ def setup(engine: Any) -> None:
             raise ConfigError(f"not a domain: {entry!r}", key="arc.trusted_sealers")
 
 
+_ARC_HEADERS = frozenset({"arc-seal", "arc-message-signature", "arc-authentication-results"})
+
+
+def runs_inline(ctx: CheckContext) -> bool:
+    """No ARC header at all: the chain is none (ARC_NA) without a lookup, no thread needed."""
+    return not any(h.lname in _ARC_HEADERS for h in ctx.message.headers)
+
+
 def run(ctx: CheckContext) -> CheckResult:
     with huge_body_turn(dkimpy_message_of(ctx.message)[1]):
         validation = validate(ctx)

@@ -77,6 +77,7 @@ class Check(Protocol):
     DEPENDS: tuple[str, ...]
     # Optional ``INLINE = True``: the check does no DNS (local CPU work only), so the pipeline
     # runs it in the evaluating thread instead of handing it to a thread; such a check cannot
-    # be abandoned at the deadline.
+    # be abandoned at the deadline. Optional ``runs_inline(ctx) -> bool``: the same for one
+    # message, when it leaves the check nothing to look up (no DKIM signature, no ARC set).
 
     def run(self, ctx: CheckContext) -> CheckResult: ...

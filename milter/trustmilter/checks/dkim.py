@@ -458,6 +458,11 @@ def _label(res: DKIMSignatureResult) -> str:
     return f"d={res.domain or '?'} s={res.selector or '?'}"
 
 
+def runs_inline(ctx: CheckContext) -> bool:
+    """No DKIM-Signature header: nothing to look up (DKIM_NA), no thread needed."""
+    return not any(h.lname == "dkim-signature" for h in ctx.message.headers)
+
+
 def run(ctx: CheckContext) -> CheckResult:
     found, present = verify_message(ctx)
     if not found:
