@@ -11,23 +11,14 @@ from pathlib import Path
 import pytest
 
 from trustmilter.checks.bayes import band
-from trustmilter.content import analyze
-from trustmilter.content.bayes import BayesClassifier, BayesSettings, chi2q, message_digest
-from trustmilter.content.features import Limits
-from trustmilter.message import ParsedMessage
+from trustmilter.content.bayes import BayesClassifier, BayesSettings, chi2q
 from trustmilter.pipeline import evaluate
 from trustmilter.store.sqlite import SQLiteTokenStore, StoreError
 from trustmilter.types import Envelope
 
-SMALL = Path(__file__).resolve().parents[1] / "fixtures" / "corpus-small"
+from tests.bayes_items import SMALL, items as _items
 
 
-def _items(label: str, split: str = "train") -> list[tuple[str, list[str], str]]:
-    out = []
-    for path in sorted((SMALL / split / label).glob("*.eml")):
-        message = ParsedMessage.parse(path.read_bytes())
-        out.append((message_digest(message), analyze(message, Limits())[1], label))
-    return out
 
 
 def _snapshot(store: SQLiteTokenStore) -> tuple[tuple[int, int], list[tuple[str, int, int]]]:

@@ -11,21 +11,11 @@ from typing import Any
 
 import pytest
 
-from trustmilter.content import analyze
-from trustmilter.content.bayes import message_digest
-from trustmilter.content.features import Limits
-from trustmilter.message import ParsedMessage
 from trustmilter.store.sqlite import DEFAULT_RECHECK_SECONDS, SQLiteTokenStore
 
-SMALL = Path(__file__).resolve().parents[1] / "fixtures" / "corpus-small"
+from tests.bayes_items import items as _items
 
 
-def _items(label: str, split: str = "train") -> list[tuple[str, list[str], str]]:
-    out = []
-    for path in sorted((SMALL / split / label).glob("*.eml")):
-        message = ParsedMessage.parse(path.read_bytes())
-        out.append((message_digest(message), analyze(message, Limits())[1], label))
-    return out
 
 
 def _fresh(path: Path, tokens: list[str]) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from trustmilter.content import analyze
-from trustmilter.content.bayes import BayesClassifier, BayesResult, BayesSettings, chi2q, message_digest
-from trustmilter.content.features import Limits
-from trustmilter.message import ParsedMessage
+from trustmilter.content.bayes import BayesClassifier, BayesResult, BayesSettings, chi2q
 from trustmilter.store.sqlite import SQLiteTokenStore
 
-SMALL = Path(__file__).resolve().parents[1] / "fixtures" / "corpus-small"
+from tests.bayes_items import items as _items
 
 
-def _items(label: str, split: str) -> list[tuple[str, list[str], str]]:
-    out = []
-    for path in sorted((SMALL / split / label).glob("*.eml")):
-        message = ParsedMessage.parse(path.read_bytes())
-        out.append((message_digest(message), analyze(message, Limits())[1], label))
-    return out
 
 
 def reference(store: SQLiteTokenStore, s: BayesSettings, tokens: list[str], explain: int) -> BayesResult:
