@@ -127,7 +127,7 @@ def test_readers_go_on_while_a_learner_writes(tmp_path: Path) -> None:
     path = tmp_path / "bayes.sqlite"
     writer = SQLiteTokenStore(path)
     writer.learn(_items("ham")[:10] + _items("spam")[:10])
-    reader = SQLiteTokenStore(path, readonly=True, busy_timeout_ms=50, cache_tokens=0)  # reads SQLite
+    reader = SQLiteTokenStore(path, readonly=True, busy_timeout_ms=50, snapshot_after=0)  # reads SQLite
     tokens = _items("spam", "eval")[0][1]
     before = reader.counts(tokens)
     # Hold the write lock (an open learn transaction) and read from other threads meanwhile.

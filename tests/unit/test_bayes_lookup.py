@@ -14,7 +14,7 @@ TRICKY = ['a"b', "a\\b", "a\\u0041", "x\ny", "tab\there", "nul\x00x", "c\x01d", 
 def test_any_token_text_is_looked_up_exactly(tmp_path: Path) -> None:
     """Tokens go to SQLite as one JSON array; whatever escaping that needs, a token is found iff
     it is in the table (json_each cuts a string at \\u0000: "nul\\u0000x" would find "nul")."""
-    store = SQLiteTokenStore(tmp_path / "bayes.sqlite", cache_tokens=0)
+    store = SQLiteTokenStore(tmp_path / "bayes.sqlite", snapshot_after=0)
     store.learn([("m1", TRICKY, "spam"), ("m2", TRICKY[::2], "ham")])
     asked = TRICKY + ["nul", "nul\x00", 'a"', "A", "x\n", "emoji", "\\u0041", "c\x01"]
     conn = store._conn()

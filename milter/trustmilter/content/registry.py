@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmilter.content.model import BAYES_EXPORT_FILE, ModelError, read_card, verify_file
-from trustmilter.store.sqlite import DEFAULT_CACHE_TOKENS, DEFAULT_SNAPSHOT_AFTER, SQLiteTokenStore
+from trustmilter.store.sqlite import DEFAULT_SNAPSHOT_AFTER, SQLiteTokenStore
 
 log = logging.getLogger("trustmilter.content")
 
@@ -142,11 +142,10 @@ def _open_bayes_store(path: Path, bayes_section: dict[str, Any],
                       model_section: dict[str, Any] | None, *, readonly: bool
                       ) -> SQLiteTokenStore:
     busy = int(bayes_section.get("busy_timeout_ms", 200))
-    cache = int(bayes_section.get("cache_tokens", DEFAULT_CACHE_TOKENS))
     snapshot_after = int(bayes_section.get("snapshot_after", DEFAULT_SNAPSHOT_AFTER))
     seed = bool(bayes_section.get("seed_from_model", True))
     if path.exists():
-        store = SQLiteTokenStore(path, busy_timeout_ms=busy, readonly=readonly, cache_tokens=cache,
+        store = SQLiteTokenStore(path, busy_timeout_ms=busy, readonly=readonly,
                                  snapshot_after=snapshot_after)
         if seed and not readonly and store.totals() == (0, 0) and store.token_count() == 0:
             # Created before any model was there to seed it (or by a test run): nothing was
@@ -159,18 +158,17 @@ def _open_bayes_store(path: Path, bayes_section: dict[str, Any],
     if not seed:
         if readonly:
             raise ModelError(f"{path}: no Bayes database (run trustmilter train or learn)")
-        return SQLiteTokenStore(path, busy_timeout_ms=busy, cache_tokens=cache,
+        return SQLiteTokenStore(path, busy_timeout_ms=busy,
                                  snapshot_after=snapshot_after)
     export = _seed_export(model_section)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = SQLiteTokenStore(path, busy_timeout_ms=busy, cache_tokens=cache,
+        store = SQLiteTokenStore(path, busy_timeout_ms=busy,
                                  snapshot_after=snapshot_after)
     except OSError as exc:
         tmpdir = tempfile.mkdtemp(prefix="trustmilter-bayes-")
         log.warning("cannot create %s (%s); using a private copy in %s", path, exc.strerror, tmpdir)
         store = SQLiteTokenStore(Path(tmpdir) / "bayes.sqlite", busy_timeout_ms=busy,
-                                 cache_tokens=cache,
                                  snapshot_after=snapshot_after)
     if export is not None:
         count = store.import_export(export)

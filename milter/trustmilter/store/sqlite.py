@@ -1,24 +1,23 @@
 """The Bayes token store in SQLite (through sqlite-utils for the schema): WAL so the milter reads
 while ``trustmilter learn`` writes, a busy timeout so a held lock costs an error symbol rather
 than a stalled milter, one connection per thread and process (SQLite connections must not cross
-threads or a fork), and one query per message for the tokens not in the read cache (their list
-as one JSON parameter).
+threads or a fork), and one query per message for its tokens (their list as one JSON
+parameter) until the snapshot below answers.
 
-The read cache: each process keeps the counts of the tokens it looked up recently (known or
-not), at most ``cache_tokens`` of them. Every transaction that changes counts bumps
-``generation`` in ``meta``; a reader re-reads generation and totals at most once every
-``recheck_seconds`` (the read that kept ``totals()`` fresh before the cache existed) and drops
-its whole cache when either moved. So a ``learn`` committed in another process is seen by every
-reader from at most ``recheck_seconds`` after its commit on (the totals always were that stale);
-one in this process at once. A writer that does not know ``generation`` (an older trustmilter)
-still changes the totals, which drops the cache too. No schema change: a database without a
-``generation`` row reads as generation 0 and gets the row with its first learn.
+Every transaction that changes counts bumps ``generation`` in ``meta``; a reader re-reads
+generation and totals at most once every ``recheck_seconds`` (the totals always were that
+stale) and its snapshot answers only while both are what it was read with. So a ``learn``
+committed in another process is seen by every reader from at most ``recheck_seconds`` after its
+commit on; one in this process at once. A writer that does not know ``generation`` (an older
+trustmilter) still changes the totals, which retires the snapshot too. No schema change: a
+database without a ``generation`` row reads as generation 0 and gets the row with its first
+learn.
 
 The snapshot: after ``snapshot_after`` messages scored from SQLite, a process reads every token
 once (one read transaction, with the totals and generation it belongs to) into three numpy
 arrays: the tokens' 64-bit ``hash()`` sorted, and their spam and ham counts (16 bytes a token:
 6.4 MB for 400k), and looks a message's tokens up with one ``searchsorted`` instead of a query
-(0.12 instead of 0.32 ms CPU per message of the corpus test split, after ~0.55 s to
+(0.12 instead of 0.36 ms CPU per message of the corpus test split, after ~0.55 s to
 read 400k tokens). It answers only while (nspam, nham, generation)
 is what it was read with; after a change the SQLite path answers again and, after another
 ``snapshot_after`` messages, a new snapshot is read in the background. Tokens are known by
@@ -36,8 +35,6 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from itertools import compress, repeat
-from operator import is_
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -54,7 +51,6 @@ _IN_CHUNK = 900   # parameters per IN (...) query; well under SQLite's limit on 
 # texts instead of one per token count, so sqlite3's statement cache (128 per connection) keeps
 # them prepared instead of parsing a 300-parameter query for most messages.
 _IN_STEP = 32
-DEFAULT_CACHE_TOKENS = 100_000
 DEFAULT_RECHECK_SECONDS = 1.0
 DEFAULT_SNAPSHOT_AFTER = 1000
 _SNAPSHOT_FETCH = 20_000   # rows per fetch while reading a snapshot (bounds its transient memory)
@@ -63,7 +59,6 @@ _SNAPSHOT_FETCH = 20_000   # rows per fetch while reading a snapshot (bounds its
 # private memory less per worker for 400k tokens) and a lookup costs less. Address space only;
 # a bigger file is mapped up to this and read the ordinary way beyond it.
 MMAP_BYTES = 256 * 1024 * 1024
-_UNKNOWN: tuple[()] = ()   # cached for a token the database does not know (falsy, unlike counts)
 
 
 class StoreError(TrustmilterError):
@@ -74,28 +69,16 @@ class SQLiteTokenStore:
     """Token counts in one SQLite file. ``readonly`` opens it for scoring only."""
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 200, readonly: bool = False,
-                 create: bool = True, cache_tokens: int = DEFAULT_CACHE_TOKENS,
+                 create: bool = True,
                  recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
                  snapshot_after: int = DEFAULT_SNAPSHOT_AFTER) -> None:
         self.path = str(path)
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.readonly = readonly
-        self.cache_tokens = max(0, int(cache_tokens))
         self.recheck_seconds = float(recheck_seconds)
         self._local = threading.local()
         # (when read, (nspam, nham, generation)); None = read it on the next call.
         self._state: tuple[float, tuple[int, int, int]] | None = None
-        # The read cache: token -> (spam, ham), or _UNKNOWN when the database does not know it. Two
-        # generations rather than an LRU list (which costs more per token, in time and memory):
-        # lookups go to ``_hot``, then ``_cold`` (a hit there moves the token back to ``_hot``);
-        # when ``_hot`` holds half of ``cache_tokens`` it becomes ``_cold`` and the old ``_cold``
-        # is dropped. Tokens used since the last turn stay. At most ``cache_tokens`` are held,
-        # plus the tokens of the (at most two) messages that made ``_hot`` overflow.
-        self._cache_lock = threading.Lock()
-        self._hot: dict[str, tuple[int, int] | tuple[()]] = {}
-        self._cold: dict[str, tuple[int, int] | tuple[()]] = {}
-        # One shared tuple per distinct (spam, ham): a few thousand pairs for 100k cached tokens.
-        self._pairs: dict[tuple[int, int], tuple[int, int]] = {}
         # The snapshot (see the module's docstring); messages scored from SQLite since it was
         # last (re)built or went stale; the pid of the process whose thread is building one.
         # (A ":memory:" database is one per connection: another one could not read it.)
@@ -173,7 +156,7 @@ class SQLiteTokenStore:
     # ---- reads ------------------------------------------------------------------------------
     def _current(self) -> tuple[int, int, int]:
         """(nspam, nham, generation), re-read at most every ``recheck_seconds``: they change only
-        when someone learns. A change drops the token cache (see the module's docstring)."""
+        when someone learns (see the module's docstring)."""
         now = time.monotonic()
         state = self._state
         if state is not None and now - state[0] < self.recheck_seconds:
@@ -182,22 +165,13 @@ class SQLiteTokenStore:
             "SELECT key, value FROM meta WHERE key IN ('nspam', 'nham', 'generation')").fetchall())
         current = (int(rows.get("nspam", 0)), int(rows.get("nham", 0)),
                    int(rows.get("generation", 0)))
-        if state is None or state[1] != current:
-            self._drop_cache()
         self._state = (now, current)
         return current
-
-    def _drop_cache(self) -> None:
-        # New objects rather than clear(): a reader in another thread that already holds the
-        # old ones finishes with them, and they are garbage after.
-        with self._cache_lock:
-            self._hot, self._cold, self._pairs = {}, {}, {}
 
     def _changed(self) -> None:
         """This process wrote: read the totals and tokens afresh from the next call on."""
         self._state = None
         self._snapshot = None
-        self._drop_cache()
 
     def totals(self) -> tuple[int, int]:
         nspam, nham, _generation = self._current()
@@ -217,39 +191,7 @@ class SQLiteTokenStore:
             self._since_snapshot += 1
             if self._since_snapshot >= self.snapshot_after and self._building != os.getpid():
                 self._start_snapshot()
-        if not self.cache_tokens:
-            return self._select(tokens)
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
-        misses: list[str] = []
-        with self._cache_lock:
-            hot = self._hot
-            # map/compress rather than a Python loop per token: most tokens are in ``_hot``.
-            values = list(map(hot.get, tokens))
-            out = dict(compress(zip(tokens, values), values))   # known (UNKNOWN is falsy)
-            cold_get = self._cold.get
-            for token in compress(tokens, map(is_, values, repeat(None))):
-                value = cold_get(token)
-                if value is None:
-                    misses.append(token)
-                    continue
-                hot[token] = value
-                if value:
-                    out[token] = value
-        if misses:
-            # The query runs outside the lock; what it finds is at least as new as the cache.
-            found = self._select(misses)
-            out.update(found)
-        with self._cache_lock:
-            if hot is not self._hot:    # dropped or turned meanwhile: keep what we read out
-                return out
-            if misses:
-                pairs = self._pairs
-                for token in misses:
-                    value = found.get(token)
-                    hot[token] = _UNKNOWN if value is None else pairs.setdefault(value, value)
-            if 2 * len(hot) >= self.cache_tokens:
-                self._hot, self._cold = {}, hot
-        return out
+        return self._select(tokens)
 
     # ---- the snapshot -------------------------------------------------------------------------
     def _start_snapshot(self) -> None:
@@ -267,7 +209,6 @@ class SQLiteTokenStore:
                 "Bayes snapshot of %s not read (%s); reading tokens from SQLite", self.path, exc)
         else:
             self._snapshot = snapshot
-            self._drop_cache()     # the snapshot answers from now on: free the cache's memory
         finally:
             self._building = None
 

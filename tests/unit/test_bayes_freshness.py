@@ -1,6 +1,6 @@
-"""The token store's per-process read cache: it answers exactly as the database does, stays within
-its bound, and a learn committed by another process (a real one, on a real SQLite file in WAL) is
-seen by a cached reader once ``recheck_seconds`` have passed, also when the totals did not move."""
+"""How fresh a reader's token counts are: a learn committed by another process (a real one, on a
+real SQLite file in WAL) is seen by a reader answering from its in-memory snapshot once
+``recheck_seconds`` have passed, also when the totals did not move; one in this process at once."""
 from __future__ import annotations
 
 import multiprocessing
@@ -16,11 +16,9 @@ from trustmilter.store.sqlite import DEFAULT_RECHECK_SECONDS, SQLiteTokenStore
 from tests.bayes_items import items as _items
 
 
-
-
 def _fresh(path: Path, tokens: list[str]) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:
-    """What the database holds now, read without any cache."""
-    store = SQLiteTokenStore(path, readonly=True, cache_tokens=0)
+    """What the database holds now, read from SQLite itself."""
+    store = SQLiteTokenStore(path, readonly=True, snapshot_after=0)
     try:
         return store.totals(), store.counts(tokens)
     finally:
@@ -54,6 +52,21 @@ def _wait_until(moment: float) -> None:
         time.sleep(max(0.0, moment - time.monotonic()) + 0.01)
 
 
+def wait_for_snapshot(store: SQLiteTokenStore, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while store._snapshot is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store._snapshot is not None, "no snapshot was read"
+
+
+def _snapshotted(path: Path, **kw: Any) -> SQLiteTokenStore:
+    """A reader whose first message makes it read its snapshot, once that is read."""
+    store = SQLiteTokenStore(path, snapshot_after=1, **kw)
+    store.counts(["x"])
+    wait_for_snapshot(store)
+    return store
+
+
 @pytest.fixture
 def trained(tmp_path: Path) -> Path:
     path = tmp_path / "bayes.sqlite"
@@ -63,35 +76,16 @@ def trained(tmp_path: Path) -> Path:
     return path
 
 
-def test_cached_counts_are_the_databases(trained: Path) -> None:
-    messages = [t for _d, t, _l in _items("ham", "eval") + _items("spam", "eval") + _items("spam")]
-    unknown = [f"never-seen-{i}" for i in range(50)]
-    queries = messages + [messages[0] + unknown, messages[1] * 2, [], unknown,
-                          sorted({t for m in messages for t in m})]     # > 900: two IN chunks
-    bound = 200
-    cached = SQLiteTokenStore(trained, readonly=True, cache_tokens=bound, snapshot_after=0)
-    plain = SQLiteTokenStore(trained, readonly=True, cache_tokens=0)
-    longest = 0
-    for _round in range(3):          # the second and third rounds are served partly from cache
-        for tokens in queries:
-            assert cached.counts(tokens) == plain.counts(tokens)
-            # Within the bound, give or take the tokens of the two calls that last crossed it.
-            longest = max(longest, len(tokens))
-            assert len(cached._hot) + len(cached._cold) <= bound + 2 * longest
-    assert cached._hot or cached._cold
-    assert len(queries[-1]) > 900
-
-
 def test_a_learn_in_another_process_is_seen_after_the_recheck_interval(trained: Path) -> None:
     tokens = _items("spam", "eval")[0][1]
-    reader = SQLiteTokenStore(trained, readonly=True)               # the default interval
-    pinned = SQLiteTokenStore(trained, readonly=True, recheck_seconds=3600)
+    reader = _snapshotted(trained, readonly=True)                   # the default interval
+    pinned = _snapshotted(trained, readonly=True, recheck_seconds=3600)
     before = reader.counts(tokens)
     assert pinned.counts(tokens) == before and reader.totals() == pinned.totals()
     committed = _in_another_process(trained, [("new-spam", tokens, "spam")])
     now_totals, now_counts = _fresh(trained, tokens)
     assert now_counts != before
-    # The cache is really what answers: a reader that does not look again keeps the old counts.
+    # The snapshot is really what answers: a reader that does not look again keeps the old counts.
     assert pinned.counts(tokens) == before
     _wait_until(committed + DEFAULT_RECHECK_SECONDS)
     assert reader.counts(tokens) == now_counts
@@ -102,7 +96,7 @@ def test_a_change_that_leaves_the_totals_alone_is_seen_too(trained: Path) -> Non
     """Learn one spam and unlearn another: same totals, other counts. The generation says so."""
     tokens = _items("spam", "eval")[0][1]
     digest, old_tokens, _label = _items("spam")[0]
-    reader = SQLiteTokenStore(trained, readonly=True, recheck_seconds=0.2)
+    reader = _snapshotted(trained, readonly=True, recheck_seconds=0.2)
     before_totals, before = reader.totals(), reader.counts(tokens)
     committed = _in_another_process(trained, [("new-spam", tokens, "spam")], [(digest, old_tokens)])
     now_totals, now_counts = _fresh(trained, tokens)
@@ -111,10 +105,10 @@ def test_a_change_that_leaves_the_totals_alone_is_seen_too(trained: Path) -> Non
     assert reader.counts(tokens) == now_counts
 
 
-def test_a_writer_that_knows_no_generation_still_drops_the_cache(trained: Path) -> None:
+def test_a_writer_that_knows_no_generation_still_retires_the_snapshot(trained: Path) -> None:
     """An older trustmilter learning into the same file moves the totals but not the generation."""
     tokens = _items("spam", "eval")[0][1]
-    reader = SQLiteTokenStore(trained, readonly=True, recheck_seconds=0.2)
+    reader = _snapshotted(trained, readonly=True, recheck_seconds=0.2)
     before = reader.counts(tokens)
     conn = sqlite3.connect(trained, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
@@ -129,7 +123,7 @@ def test_a_writer_that_knows_no_generation_still_drops_the_cache(trained: Path) 
 
 def test_this_process_sees_its_own_learn_at_once(trained: Path) -> None:
     tokens = _items("spam", "eval")[0][1]
-    store = SQLiteTokenStore(trained, recheck_seconds=3600)
+    store = _snapshotted(trained, recheck_seconds=3600)
     before_totals, before = store.totals(), store.counts(tokens)
     store.learn([("new-spam", tokens, "spam")])
     assert store.counts(tokens) == _fresh(trained, tokens)[1] != before
@@ -155,16 +149,3 @@ def test_generation_is_bumped_by_every_change_and_absent_in_older_databases(trai
     store.export(export)
     store.import_export(export)
     assert store.meta("generation") == "3"
-
-
-
-def test_the_cache_size_comes_from_the_bayes_section(tmp_path: Path) -> None:
-    from trustmilter.config import load_config
-    from trustmilter.content.registry import open_bayes_store
-    section = dict(load_config(None).section("bayes"), seed_from_model=False)
-    default = open_bayes_store({**section, "path": str(tmp_path / "a.sqlite")})
-    assert default.cache_tokens == section["cache_tokens"] > 0
-    off = open_bayes_store({**section, "path": str(tmp_path / "a.sqlite"), "cache_tokens": 0})
-    assert off.cache_tokens == 0
-    off.counts(["x"])
-    assert not off._hot and not off._cold
