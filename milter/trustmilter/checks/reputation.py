@@ -20,7 +20,7 @@ import functools
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.outcomes import DKIMOutcome, DMARCOutcome, SPFOutcome
@@ -67,16 +67,16 @@ _KEY_PARTS = "reputation.key_parts"
 
 def keys_for(engine: "Engine", ids: dict[str, Any]) -> list[str]:
     """The reputation keys of identities, as the recorder computes them."""
-    parts = engine.state.get(_KEY_PARTS)   # set once below, then only read
-    if parts is None:
-        from trustmilter import psl
-        orgs = psl.for_engine(engine)       # (engine.cached is not re-entrant: no nesting)
-        skip = skip_ip_for(engine.trusted_networks + engine.trusted_relays)
-        # The PSL lookup is pure and the same sender domains come back: memoised.
-        org_domain = functools.lru_cache(maxsize=4096)(orgs.registrable_domain)
-        parts = engine.cached(_KEY_PARTS, lambda: (org_domain, skip))
-    org_domain, skip = parts
+    org_domain, skip = engine.cached(_KEY_PARTS, lambda: _key_parts(engine))
     return identity_keys(ids, org_domain, skip)
+
+
+def _key_parts(engine: "Engine") -> tuple[Callable[[str], str | None], Callable[[str], bool]]:
+    from trustmilter import psl
+    orgs = psl.for_engine(engine)
+    # The PSL lookup is pure and the same sender domains come back: memoised.
+    return (functools.lru_cache(maxsize=4096)(orgs.registrable_domain),
+            skip_ip_for(engine.trusted_networks + engine.trusted_relays))
 
 
 @dataclass
