@@ -61,6 +61,19 @@ class Engine:
                     engine.disabled[module.NAME] = str(exc)
         return engine
 
+    def warm_up(self) -> None:
+        """Load what a long-lived process wants in memory before its first message (each
+        check's optional ``warm_up(engine)``). A failure is logged and the check runs as it
+        would without: warming up is never a reason to refuse mail."""
+        for module in self.checks:
+            warm = getattr(module, "warm_up", None)
+            if warm is None or module.NAME in self.disabled:
+                continue
+            try:
+                warm(self)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.error("check %s: warm-up failed: %s", module.NAME, exc)
+
     def cached(self, key: str, factory: Callable[[], Any]) -> Any:
         """Per-engine state built once (a PSL, compiled rules, a model)."""
         with self._lock:

@@ -144,6 +144,7 @@ def _init_worker(config_path: str | None, overrides: dict[str, Any], generation:
     if log_setup is not None:
         setup_logging(**log_setup)
     _engine = Engine.from_config(load_config(config_path, overrides))
+    _engine.warm_up()   # before "ready": the first messages get the fast paths too
     _generation = generation
     # The engine (rules, model, public suffix list) lives as long as the worker: keep the
     # collector from walking it again at every full collection.

@@ -3,8 +3,10 @@ totals and generation it was read with, is read again after a learn, and sends t
 hashes collide to SQLite."""
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from tests.bayes_items import items as _items
 from tests.unit.test_bayes_freshness import (_fresh, _in_another_process, _wait_until,  # noqa: F401
                                              trained, wait_for_snapshot)
 from trustmilter.store.sqlite import SQLiteTokenStore, _Snapshot
+
+if TYPE_CHECKING:
+    from trustmilter.pipeline import Engine
 
 
 def _queries() -> list[list[str]]:
@@ -99,3 +104,52 @@ def test_snapshot_after_comes_from_the_bayes_section(tmp_path: Path) -> None:
     for _ in range(5):
         off.counts(["x"])
     assert off._snapshot is None and off._building is None
+
+
+def _engine_on(path: Path, tmp_path: Path, **bayes: object) -> "Engine":
+    from trustmilter.config import load_config
+    from trustmilter.pipeline import Engine
+    config = load_config(None, {"state": {"dir": str(tmp_path / "state")},
+                                "bayes": {"path": str(path), **bayes}})
+    return Engine.from_config(config)
+
+
+def test_an_engine_warmed_up_answers_its_first_message_from_the_snapshot(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the milter's workers do before they say ready (bayes.snapshot_at_start)."""
+    engine = _engine_on(trained, tmp_path)
+    store = engine.state["content.bayes"].store
+    assert store._snapshot is None
+    engine.warm_up()
+    plain = SQLiteTokenStore(trained, readonly=True, snapshot_after=0)
+    assert store.snapshot_tokens() == plain.token_count() > 0
+
+    def no_sql(tokens: object) -> None:
+        raise AssertionError("read from SQLite while the snapshot is current")
+    monkeypatch.setattr(store, "_select", no_sql)
+    for tokens in _queries():
+        assert store.counts(tokens) == plain.counts(tokens)
+
+
+@pytest.mark.parametrize("bayes", [{"snapshot_at_start": False}, {"snapshot_after": 0}])
+def test_no_snapshot_at_start_when_the_config_says_so(trained: Path, tmp_path: Path,
+                                                      bayes: dict[str, object]) -> None:
+    engine = _engine_on(trained, tmp_path, **bayes)
+    engine.warm_up()
+    assert engine.state["content.bayes"].store.snapshot_tokens() == 0
+
+
+def test_a_snapshot_that_cannot_be_read_leaves_sqlite_answering(
+        trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine_on(trained, tmp_path)
+    store = engine.state["content.bayes"].store
+    tokens = _items("spam", "eval")[0][1]
+    truth = _fresh(trained, tokens)[1]
+    def unreadable() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(store, "read_snapshot", unreadable)
+    engine.warm_up()
+    assert store.snapshot_tokens() == 0
+    assert "Bayes snapshot" in caplog.text and "not read" in caplog.text
+    assert store.counts(tokens) == truth

@@ -142,3 +142,24 @@ def test_a_worker_that_cannot_build_its_engine_stops_the_pool_start(tmp_path: Pa
     with pytest.raises(WorkerStartError):
         pool.warm_up(timeout=60)
     pool.shutdown(wait=False)
+
+
+def test_workers_read_the_bayes_snapshot_before_they_say_ready(config: Path,
+                                                                tmp_path: Path) -> None:
+    log_file = tmp_path / "workers.log"
+    pool = WorkerPool(prepare_context(), 2, str(config), {},
+                      log_setup={"log_file": str(log_file)})
+    try:
+        pids = pool.warm_up()
+        text = log_file.read_text()
+        for pid in pids:
+            assert f"trustmilter[{pid}]: INFO Bayes snapshot of" in text
+    finally:
+        pool.shutdown()
+    quiet = WorkerPool(prepare_context(), 1, str(config), {"bayes": {"snapshot_at_start": False}},
+                       log_setup={"log_file": str(tmp_path / "quiet.log")})
+    try:
+        quiet.warm_up()
+        assert "Bayes snapshot" not in (tmp_path / "quiet.log").read_text()
+    finally:
+        quiet.shutdown()

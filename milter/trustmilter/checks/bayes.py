@@ -4,6 +4,7 @@ config. Silent until enough ham and spam are learned (bayes.min_ham / bayes.min_
 from __future__ import annotations
 
 import logging
+import time
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.content import analyze
@@ -48,6 +49,19 @@ def setup(engine) -> None:  # type: ignore[no-untyped-def]
         log.warning("Bayes has learned %d spam and %d ham; it votes from %d and %d", nspam, nham,
                     classifier.settings.min_spam, classifier.settings.min_ham)
     engine.cached("content.limits", lambda: Limits.from_config(engine.config.data.get("content")))
+
+
+def warm_up(engine) -> None:  # type: ignore[no-untyped-def]
+    """A long-lived process (the milter's workers) reads the token snapshot before its first
+    message (``bayes.snapshot_at_start``): ~0.5 s of CPU once, instead of scoring its first
+    ``snapshot_after`` messages from SQLite at ~3 times the CPU per lookup."""
+    if not engine.config.section(NAME).get("snapshot_at_start", True):
+        return
+    classifier: BayesClassifier = engine.cached("content.bayes", lambda: _missing())
+    started = time.process_time()
+    if classifier.store.load_snapshot():
+        log.info("Bayes snapshot of %s read: %d tokens in %.2f s CPU", classifier.store.path,
+                 classifier.store.snapshot_tokens(), time.process_time() - started)
 
 
 def run(ctx: CheckContext) -> CheckResult:

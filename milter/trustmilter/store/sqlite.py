@@ -194,6 +194,24 @@ class SQLiteTokenStore:
         return self._select(tokens)
 
     # ---- the snapshot -------------------------------------------------------------------------
+    def snapshot_tokens(self) -> int:
+        """Tokens the current snapshot holds (0: none)."""
+        snapshot = self._snapshot
+        return len(snapshot) if snapshot is not None else 0
+
+    def load_snapshot(self) -> bool:
+        """Read the snapshot now, in this thread: for a long-lived process before its first
+        message (the milter's workers), which would otherwise score ``snapshot_after`` messages
+        from SQLite first (~3 times the CPU per lookup). False when there is none to read
+        (``snapshot_after`` is 0, an in-memory database) or it could not be read (logged; the
+        SQLite path answers)."""
+        if not self.snapshot_after:
+            return False
+        self._building = os.getpid()
+        self._since_snapshot = 0
+        self._build_snapshot()
+        return self._snapshot is not None
+
     def _start_snapshot(self) -> None:
         self._building = os.getpid()
         self._since_snapshot = 0
