@@ -381,3 +381,43 @@ def test_pipeline_reports_dkim_in_authentication_results(dns_server: Any,
     header = authresults.parse(verdict.authentication_results)
     dkim_results = [r for r in header.results if r.method == "dkim"]
     assert [r.result for r in dkim_results] == ["pass"]
+
+
+# ----- the shortcut for messages without signatures -----------------------------------------------
+
+_NAMES = ["DKIM-Signature", "dkim-signature", "DKIM-Signature ", "X-DKIM-Signature", "Subject",
+          "ARC-Seal", "arc-message-signature", "ARC-Authentication-Results\t", "From", ""]
+_SEPARATORS = ["\r\n", "\n", "\r", ""]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from([":", " :", ""]),
+                          st.sampled_from(["", " v", " DKIM-Signature: x", "\r\n\tfold"]),
+                          st.sampled_from(_SEPARATORS)), max_size=6),
+       st.sampled_from(["", "\r\n", "\n", "\r\n\r\n", "\n\n"]),
+       st.sampled_from(["", "body\r\n", "DKIM-Signature: v=1\r\nARC-Seal: i=1\r\n"]))
+def test_no_field_is_missed_where_the_shortcut_says_none_can_be(
+        fields: list[tuple[str, str, str, str]], lead: str, body: str) -> None:
+    """``may_hold_field`` False (DKIM and ARC then skip dkimpy) only when dkimpy's split of the
+    same bytes really holds no such field: the shortcut never hides a signature."""
+    from trustmilter.checks.arc import _ARC_FIELD, _ARC_HEADERS
+    raw = (lead + "".join(n + c + v + s for n, c, v, s in fields) + "\r\n\r\n" + body).encode()
+    headers, _body = dkim_check.dkimpy_message(raw)
+    names = [bytes(h[0]).lower().rstrip(b" \t") for h in headers]
+    if not dkim_check.may_hold_field(raw, dkim_check._SIGNATURE_FIELD):
+        assert b"dkim-signature" not in [bytes(h[0]).lower() for h in headers]
+    if not dkim_check.may_hold_field(raw, _ARC_FIELD):
+        assert not any(n.decode() in _ARC_HEADERS for n in names)
+
+
+@pytest.mark.parametrize("raw, dkim_possible, arc_possible", [
+    (b"From: a@b.test\r\n\r\nDKIM-Signature: v=1\r\nARC-Seal: i=1\r\n", False, False),
+    (b"From: a@b.test\r\ndkim-SIGNATURE: v=1\r\n\r\nbody", True, False),
+    (b"\r\nDKIM-Signature: v=1\r\n", True, False),       # no header block: dkimpy reads it all
+    (b"From: a@b.test\r\nArc-Seal: i=1\r\n", False, True),  # no body
+])
+def test_the_shortcut_reads_only_what_dkimpy_takes_for_headers(
+        raw: bytes, dkim_possible: bool, arc_possible: bool) -> None:
+    from trustmilter.checks.arc import _ARC_FIELD
+    assert dkim_check.may_hold_field(raw, dkim_check._SIGNATURE_FIELD) is dkim_possible
+    assert dkim_check.may_hold_field(raw, _ARC_FIELD) is arc_possible

@@ -32,7 +32,7 @@ from authres.arc import ARCAuthenticationResult
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.dkim import (DKIMPY_LOGGER, choose_key_record, dkimpy_message_of,
-                                     huge_body_turn)
+                                     huge_body_turn, may_hold_field)
 from trustmilter.checks.outcomes import ARCOutcome
 from trustmilter.errors import ConfigError, DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus
@@ -334,6 +334,8 @@ def setup(engine: Any) -> None:
 
 
 _ARC_HEADERS = frozenset({"arc-seal", "arc-message-signature", "arc-authentication-results"})
+# Any of them, as dkimpy's sorted_arc_headers names them (relaxed: lower case, trailing WSP gone).
+_ARC_FIELD = re.compile(rb"arc-(?:seal|message-signature|authentication-results)", re.IGNORECASE)
 
 
 def runs_inline(ctx: CheckContext) -> bool:
@@ -342,8 +344,11 @@ def runs_inline(ctx: CheckContext) -> bool:
 
 
 def run(ctx: CheckContext) -> CheckResult:
-    with huge_body_turn(dkimpy_message_of(ctx.message)[1]):
-        validation = validate(ctx)
+    if not may_hold_field(ctx.message.raw, _ARC_FIELD):
+        validation = ChainValidation(ARCOutcome(AuthStatus.NONE, reason="no ARC sets"))
+    else:
+        with huge_body_turn(dkimpy_message_of(ctx.message)[1]):
+            validation = validate(ctx)
     outcome, oldest = validation.outcome, validation.oldest_pass
     trusted_list = list(ctx.section(NAME).get("trusted_sealers") or [])
     if outcome.status is AuthStatus.PASS and sealer_trusted(outcome.sealer, trusted_list):

@@ -73,6 +73,7 @@ DKIMPY_LOGGER = _DebugAdapter(logging.getLogger("trustmilter.dkimpy"), {})
 _FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+[ \t]*):")
 # The end of the header block as dkimpy finds it: the first empty line, lines ending in CRLF or LF.
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_SIGNATURE_FIELD = re.compile(rb"dkim-signature", re.IGNORECASE)
 
 
 _shared_lock = threading.Lock()
@@ -104,6 +105,18 @@ def dkimpy_message_of(message: "ParsedMessage") -> tuple[list[list[bytes]], byte
             message._dkimpy_split = cached  # type: ignore[attr-defined]
     headers, body = cached
     return [list(h) for h in headers], body
+
+
+def may_hold_field(raw: bytes, name: "re.Pattern[bytes]") -> bool:
+    """False when no header field that ``dkimpy_message`` finds in ``raw`` can match ``name``
+    (a case-insensitive pattern for field names): its fields come from the bytes before the
+    first empty line, or from all of ``raw`` when it has none. Then DKIM and ARC know their
+    answer (none) without the split and the relaxed canonicalization of every header, ~0.15 ms
+    each per message."""
+    end = _HEADER_END.search(raw)
+    if end is None or raw.startswith((b"\n", b"\r\n")):
+        return name.search(raw) is not None
+    return name.search(raw, 0, end.start()) is not None
 
 
 def dkimpy_message(raw: bytes) -> tuple[list[list[bytes]], bytes]:
@@ -411,6 +424,8 @@ def verify_message(ctx: CheckContext) -> tuple[list[Verified], int]:
     min_bits = int(section.get("min_rsa_bits", 1024))
     max_bits = int(section.get("max_rsa_bits", DEFAULT_MAX_RSA_BITS))
     limit = max(1, int(section.get("max_signatures", 8)))
+    if not may_hold_field(ctx.message.raw, _SIGNATURE_FIELD):
+        return [], 0
     verifier = dkim.DKIM(None, logger=DKIMPY_LOGGER, minkey=0)
     verifier.headers, verifier.body = dkimpy_message_of(ctx.message)
     values = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
