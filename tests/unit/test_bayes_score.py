@@ -57,16 +57,25 @@ SETTINGS = [BayesSettings(min_spam=5, min_ham=5),
             BayesSettings(min_spam=500, min_ham=5)]                          # does not vote
 
 
+@pytest.mark.parametrize("snapshot", [False, True], ids=["sqlite", "snapshot"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=range(len(SETTINGS)))
-def test_scores_are_exactly_the_plain_loops(tmp_path: Path, settings: BayesSettings) -> None:
+def test_scores_are_exactly_the_plain_loops(tmp_path: Path, settings: BayesSettings,
+                                            snapshot: bool) -> None:
+    """With ``snapshot`` the classifier scores through the snapshot's count pairs
+    (``_score_pairs``), checked to be the path taken."""
     store = SQLiteTokenStore(tmp_path / "bayes.sqlite")
     train = _items("ham", "train") + _items("spam", "train")
     store.learn(train[::2])
     messages = [t for _d, t, _l in _items("ham", "eval") + _items("spam", "eval") + train]
+    duplicated = messages[0] + messages[0][:7]
     classifier = BayesClassifier(store, settings)
     ties = 0
     for round_no in range(2):        # the second round after learning more: the totals moved
-        for tokens in messages + [[], ["never-seen"]]:
+        if snapshot:
+            assert store.load_snapshot()
+        for tokens in messages + [[], ["never-seen"], duplicated]:
+            if snapshot:
+                assert store.pair_rows(list(dict.fromkeys(tokens))) is not None
             for explain in (0, 3, 1000):
                 got = classifier.score_tokens(tokens, explain=explain)
                 want = reference(store, settings, tokens, explain)

@@ -13,12 +13,14 @@ trustmilter) still changes the totals, which retires the snapshot too. No schema
 database without a ``generation`` row reads as generation 0 and gets the row with its first
 learn.
 
-The snapshot: after ``snapshot_after`` messages scored from SQLite, a process reads every token
-once (one read transaction, with the totals and generation it belongs to) into three numpy
-arrays: the tokens' 64-bit ``hash()`` sorted, and their spam and ham counts (16 bytes a token:
-6.4 MB for 400k), and looks a message's tokens up with one ``searchsorted`` instead of a query
-(0.12 instead of 0.36 ms CPU per message of the corpus test split, after ~0.55 s to
-read 400k tokens). It answers only while (nspam, nham, generation)
+The snapshot: after ``snapshot_after`` messages scored from SQLite (or before the first, for
+the milter's workers: ``load_snapshot``), a process reads every token once (one read
+transaction, with the totals and generation it belongs to) into numpy arrays: the tokens'
+64-bit ``hash()`` sorted, and the number of each one's (spam, ham) count pair (12 bytes a
+token: 4.8 MB for the shipped 397k tokens, which share 3.5k pairs), and looks a message's
+tokens up with one ``searchsorted`` instead of a query; Bayes then scores by pair
+(``pair_rows``). Lookup and scoring: 0.15 instead of ~1.0 ms CPU per message of the corpus test
+split, after ~0.6-0.8 s to read 400k tokens. It answers only while (nspam, nham, generation)
 is what it was read with; after a change the SQLite path answers again and, after another
 ``snapshot_after`` messages, a new snapshot is read in the background. Tokens are known by
 their hash alone there, as SpamAssassin (40 bits) and rspamd (64 bits) store them: a token the
@@ -36,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import sqlite_utils
@@ -192,6 +194,19 @@ class SQLiteTokenStore:
             if self._since_snapshot >= self.snapshot_after and self._building != os.getpid():
                 self._start_snapshot()
         return self._select(tokens)
+
+    def pair_rows(self, tokens: list[str]) -> "PairRows | None":
+        """The snapshot's answer for distinct ``tokens``, by count pair (see ``_Snapshot``):
+        None when no current snapshot can answer alone (there is none, it is stale, or a
+        token's hash is ambiguous in it); then ``counts`` answers."""
+        state = self._current()
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.state != state:
+            return None
+        if snapshot.ambiguous and any(hash(t) in snapshot.ambiguous for t in tokens):
+            return None
+        where, pairs = snapshot.rows(tokens)
+        return PairRows(snapshot, where, pairs)
 
     # ---- the snapshot -------------------------------------------------------------------------
     def snapshot_tokens(self) -> int:
@@ -500,14 +515,27 @@ def _learned_rows(src: Iterator[str]) -> Iterator[tuple[str, str]]:
         yield digest, label
 
 
+class PairRows(NamedTuple):
+    """Which tokens a snapshot knows and the count pair of each: ``snapshot.pair_spam[pairs]``
+    and ``snapshot.pair_ham[pairs]`` are the counts of ``tokens[where]``."""
+
+    snapshot: "_Snapshot"
+    where: np.ndarray
+    pairs: np.ndarray
+
+
 class _Snapshot:
-    """Token counts by 64-bit hash, as of one (nspam, nham, generation)."""
+    """Token counts by 64-bit hash, as of one (nspam, nham, generation). A token's counts are
+    one of a few distinct (spam, ham) pairs (~90k for 400k tokens): each token holds the number
+    of its pair (4 bytes instead of 8), and Bayes works out each pair's clue once per snapshot
+    (``pair_rows``) instead of once per token of every message."""
 
-    __slots__ = ("state", "hashes", "spam", "ham", "ambiguous")
+    __slots__ = ("state", "hashes", "pair", "pair_spam", "pair_ham", "ambiguous")
 
-    def __init__(self, state: tuple[int, int, int], hashes: np.ndarray, spam: np.ndarray,
-                 ham: np.ndarray, ambiguous: frozenset[int]) -> None:
-        self.state, self.hashes, self.spam, self.ham = state, hashes, spam, ham
+    def __init__(self, state: tuple[int, int, int], hashes: np.ndarray, pair: np.ndarray,
+                 pair_spam: np.ndarray, pair_ham: np.ndarray, ambiguous: frozenset[int]) -> None:
+        self.state, self.hashes, self.pair = state, hashes, pair
+        self.pair_spam, self.pair_ham = pair_spam, pair_ham
         self.ambiguous = ambiguous
 
     @classmethod
@@ -525,25 +553,51 @@ class _Snapshot:
             keep = ~np.isin(hashes, collided)
             hashes, spam, ham = hashes[keep], spam[keep], ham[keep]
             ambiguous = frozenset(collided.tolist())
-        return cls(state, hashes, spam, ham, ambiguous)
+        if spam.dtype == np.int32:   # one int64 key per pair: 15 times faster than axis=0
+            key = (spam.astype(np.int64) << 32) + (ham.astype(np.int64) + 2**31)
+            pairs, pair = np.unique(key, return_inverse=True)
+            pair_spam, pair_ham = pairs >> 32, (pairs & 0xFFFFFFFF) - 2**31
+        else:
+            both, pair = np.unique(np.stack((spam, ham), axis=1), axis=0, return_inverse=True)
+            pair_spam, pair_ham = both[:, 0].copy(), both[:, 1].copy()
+        return cls(state, hashes, pair.astype(np.int32).reshape(-1), pair_spam, pair_ham,
+                   ambiguous)
 
     def __len__(self) -> int:
         return int(self.hashes.size)
 
-    def counts(self, tokens: Sequence[str]) -> tuple[dict[str, tuple[int, int]], list[str]]:
-        """(counts of the tokens found, tokens whose hash is ambiguous here)."""
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
+    @property
+    def spam(self) -> np.ndarray:
+        return self.pair_spam[self.pair]
+
+    @property
+    def ham(self) -> np.ndarray:
+        return self.pair_ham[self.pair]
+
+    def rows(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``tokens`` of the tokens found, their pair numbers)."""
         hashes = self.hashes
         if not tokens or not hashes.size:
-            return {}, []
+            empty = np.empty(0, dtype=np.intp)
+            return empty, empty
         wanted = np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens))
+        # Looked up in ascending order: each search then starts where the last one ended,
+        # fewer cache misses in the 3 MB of hashes (~55 -> ~37 us for 300 tokens).
+        order = np.argsort(wanted)
+        wanted = wanted[order]
         at = np.searchsorted(hashes, wanted)
         np.minimum(at, hashes.size - 1, out=at)
         hit = hashes[at] == wanted
-        where = np.flatnonzero(hit).tolist()
-        rows = at[hit]
-        found = dict(zip(map(tokens.__getitem__, where),
-                         zip(self.spam[rows].tolist(), self.ham[rows].tolist())))
+        where, pairs = order[hit], self.pair[at[hit]]
+        ascending = np.argsort(where)    # in the tokens' order, as callers expect
+        return where[ascending], pairs[ascending]
+
+    def counts(self, tokens: Sequence[str]) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """(counts of the tokens found, tokens whose hash is ambiguous here)."""
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        where, pairs = self.rows(tokens)
+        found = dict(zip(map(tokens.__getitem__, where.tolist()),
+                         zip(self.pair_spam[pairs].tolist(), self.pair_ham[pairs].tolist())))
         if self.ambiguous:
             return found, [t for t in tokens if hash(t) in self.ambiguous]
         return found, []
