@@ -73,7 +73,7 @@ DKIMPY_LOGGER = _DebugAdapter(logging.getLogger("trustmilter.dkimpy"), {})
 _FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+[ \t]*):")
 # The end of the header block as dkimpy finds it: the first empty line, lines ending in CRLF or LF.
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-_SIGNATURE_FIELD = re.compile(rb"dkim-signature", re.IGNORECASE)
+_SIGNATURE_FIELD = (b"dkim-signature",)
 
 
 _shared_lock = threading.Lock()
@@ -107,16 +107,16 @@ def dkimpy_message_of(message: "ParsedMessage") -> tuple[list[list[bytes]], byte
     return [list(h) for h in headers], body
 
 
-def may_hold_field(raw: bytes, name: "re.Pattern[bytes]") -> bool:
-    """False when no header field that ``dkimpy_message`` finds in ``raw`` can match ``name``
-    (a case-insensitive pattern for field names): its fields come from the bytes before the
-    first empty line, or from all of ``raw`` when it has none. Then DKIM and ARC know their
-    answer (none) without the split and the relaxed canonicalization of every header, ~0.15 ms
-    each per message."""
+def may_hold_field(raw: bytes, names: tuple[bytes, ...]) -> bool:
+    """False when no header field that ``dkimpy_message`` finds in ``raw`` can have one of
+    ``names`` (lower case) as its name: its fields come from the bytes before the first empty
+    line, or from all of ``raw`` when it has none. Then DKIM and ARC know their answer (none)
+    without the split and the relaxed canonicalization of every header, ~0.15 ms each per
+    message. (bytes.lower and find: a case-insensitive regex search costs 5 times more.)"""
     end = _HEADER_END.search(raw)
-    if end is None or raw.startswith((b"\n", b"\r\n")):
-        return name.search(raw) is not None
-    return name.search(raw, 0, end.start()) is not None
+    head = raw if end is None or raw.startswith((b"\n", b"\r\n")) else raw[:end.start()]
+    head = head.lower()
+    return any(name in head for name in names)
 
 
 def dkimpy_message(raw: bytes) -> tuple[list[list[bytes]], bytes]:
