@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import dns.exception
 import dns.flags
@@ -120,15 +121,9 @@ class Resolver:
         wire_name = qname.to_wire()
         assert wire_name is not None
         key_name = wire_name.lower()
-        cache = self._cache
-        if cache is not None:
-            hit = cache.get((key_name, qtype))
-            if hit is None:
-                hit = cache.get((key_name, _NXDOMAIN_KEY))
-                if hit is not None and not hit[1]:   # (only NXDOMAIN is cached under ANY)
-                    hit = None
-            if hit is not None:
-                return Answer(list(hit[2]), nxdomain=hit[1], ttl=hit[3])
+        hit = self._cached(key_name, qtype)
+        if hit is not None:
+            return hit
         question = wire_name + _TYPE_IN[qtype] if qtype in _TYPE_IN else \
             wire_name + struct.pack("!HH", qtype, 1)
         try:
@@ -142,6 +137,165 @@ class Resolver:
         with self._lock:
             self.queries += 1
         return answer
+
+    @property
+    def batches(self) -> bool:
+        """True when ``query_many`` sends its queries at once (the stub path). On dnspython's
+        path (several nameservers in resolv.conf) it asks them one after the other."""
+        return self._address is not None
+
+    def query_many(self, names: Sequence[str], rdtype: str, timeout: float | None = None
+                   ) -> list[Answer | DNSTempError | DNSPermError]:
+        """Look every name up at once, without a thread per lookup: the queries all go out on
+        this thread's socket, and the replies are read as they come (each matched to its query
+        on id and question) until every one is answered or the time is up. Each result is
+        what ``query`` would have returned, or the exception it would have raised. Measured
+        for a message's DNSBL lookups: ~0.3 -> ~0.1 ms of CPU, against a thread pool."""
+        lifetime = self.timeout if timeout is None else max(0.01, min(timeout, self.timeout))
+        results: list[Answer | DNSTempError | DNSPermError | None] = [None] * len(names)
+        if self._address is None:
+            for i, name in enumerate(names):
+                try:
+                    results[i] = self.query(name, rdtype, timeout)
+                except (DNSTempError, DNSPermError) as exc:
+                    results[i] = exc
+            return results  # type: ignore[return-value]
+        deadline = time.monotonic() + lifetime
+        qtype = _QTYPES.get(rdtype)
+        if qtype is None:   # the batch callers ask for A, TXT and the like; others go one by one
+            return [self._one(name, rdtype, timeout) for name in names]
+        local = self._local.conn
+        pending: dict[int, _Pending] = {}
+        for i, name in enumerate(names):
+            try:
+                qname = dns.name.from_text(name)
+            except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+                results[i] = DNSPermError(f"bad name {name!r}: {exc}")
+                continue
+            if not qname.is_absolute():
+                qname = qname.concatenate(dns.name.root)
+            wire_name = qname.to_wire()
+            assert wire_name is not None
+            key_name = wire_name.lower()
+            hit = self._cached(key_name, qtype)
+            if hit is not None:
+                results[i] = hit
+                continue
+            question = wire_name + _TYPE_IN[qtype] if qtype in _TYPE_IN else \
+                wire_name + struct.pack("!HH", qtype, 1)
+            qid = local.query_id()
+            while qid in pending:
+                qid = local.query_id()
+            request = qid.to_bytes(2, "big") + _QUERY_HEAD + question + _OPT_1232
+            pending[qid] = _Pending(i, name, qname, key_name, question, request)
+        if pending:
+            self._exchange_many(local, pending, qtype, rdtype, deadline, results)
+        return results  # type: ignore[return-value]
+
+    def _one(self, name: str, rdtype: str, timeout: float | None
+             ) -> Answer | DNSTempError | DNSPermError:
+        try:
+            return self.query(name, rdtype, timeout)
+        except (DNSTempError, DNSPermError) as exc:
+            return exc
+
+    def _cached(self, key_name: bytes, qtype: int) -> Answer | None:
+        cache = self._cache
+        if cache is None:
+            return None
+        hit = cache.get((key_name, qtype))
+        if hit is None:
+            hit = cache.get((key_name, _NXDOMAIN_KEY))
+            if hit is not None and not hit[1]:   # (only NXDOMAIN is cached under ANY)
+                hit = None
+        return None if hit is None else Answer(list(hit[2]), nxdomain=hit[1], ttl=hit[3])
+
+    def _exchange_many(self, local: "_Conn", pending: "dict[int, _Pending]", qtype: int,
+                       rdtype: str, deadline: float,
+                       results: list[Answer | DNSTempError | DNSPermError | None]) -> None:
+        sock = local.sock
+        if sock is None:
+            sock = self._new_socket(local)
+        try:
+            while True:   # drain answers to earlier queries that came too late
+                sock.recv(65535)
+        except BlockingIOError:
+            pass
+        except OSError:   # an ICMP error left by an earlier query: start afresh
+            sock = self._new_socket(local)
+        assert local.poller is not None
+        sent = 0
+        try:
+            for entry in pending.values():
+                sock.send(entry.request)
+                sent += 1
+        except OSError:
+            if not sent:   # as ``query``: nothing could be sent at all
+                local.close()
+                for entry in pending.values():
+                    results[entry.index] = DNSTempError(
+                        f"{entry.name} {rdtype}: server failure (no answer)")
+                return
+            # Else the port-unreachable error of a query sent before: read below as ``query``.
+        answered = 0
+        while pending:
+            try:
+                wire = sock.recv(65535)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                local.poller.poll(left * 1000.0 + 1.0)
+                continue
+            except OSError:
+                # Port unreachable: as ``query`` does, wait out the time, then a timeout.
+                local.close()
+                left = deadline - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
+                break
+            entry = pending.get(int.from_bytes(wire[:2], "big")) if len(wire) >= 2 else None
+            if entry is None:
+                continue     # late, or not ours
+            try:
+                answer = self._read_udp(wire, entry, qtype, deadline)
+            except _Timeout:
+                result: Answer | DNSTempError | DNSPermError = DNSTempError(
+                    f"{entry.name} {rdtype}: timeout")
+            except _ServerFailure as exc:
+                result = DNSTempError(f"{entry.name} {rdtype}: server failure ({exc.args[0]})")
+            except _YXDomain:
+                result = DNSPermError(f"{entry.name} {rdtype}: YXDOMAIN")
+            else:
+                if answer is None:
+                    continue     # our id, another question: not the reply
+                result = answer
+                answered += 1
+            results[entry.index] = result
+            del pending[int.from_bytes(wire[:2], "big")]
+        for entry in pending.values():
+            results[entry.index] = DNSTempError(f"{entry.name} {rdtype}: timeout")
+        if answered:
+            with self._lock:
+                self.queries += answered
+
+    def _read_udp(self, wire: bytes, entry: "_Pending", qtype: int, deadline: float
+                  ) -> Answer | None:
+        """A datagram with ``entry``'s id -> its answer (over TCP when truncated), or None when
+        it answers another question. As ``_exchange`` reads one."""
+        qid = int.from_bytes(entry.request[:2], "big")
+        rcode = _fast_read(wire, qid, entry.question)
+        if rcode is not None:
+            min_ttl = _negative_ttl(wire, entry.key_name, len(entry.question)) if rcode[1] else 0
+            return self._result(entry.key_name, qtype, rcode[0], None, min_ttl)
+        verdict = _slow_read(wire, qid, entry.qname, qtype, udp=True)
+        if verdict is _TRUNCATED:
+            return self._read_tcp(self._tcp(entry.request, deadline), qid, entry.qname,
+                                  entry.key_name, qtype)
+        if verdict is _IGNORE:
+            return None
+        assert isinstance(verdict, dns.message.Message)
+        return self._from_message(verdict, entry.key_name, qtype)
 
     # ----- the stub path -----------------------------------------------------------------------
     def _exchange(self, qname: dns.name.Name, key_name: bytes, qtype: int, question: bytes,
@@ -335,6 +489,17 @@ _ERROR_RCODES = frozenset((dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTI
                            dns.rcode.REFUSED))
 _IGNORE = object()
 _TRUNCATED = object()
+
+
+class _Pending(NamedTuple):
+    """One query of a ``query_many`` batch, waiting for its reply."""
+
+    index: int
+    name: str
+    qname: dns.name.Name
+    key_name: bytes
+    question: bytes
+    request: bytes
 
 
 class _Timeout(Exception):
@@ -636,6 +801,23 @@ class DNSSession:
         except DNSTempError as exc:
             self.errors.append(str(exc))
             raise
+
+    def query_many(self, names: Sequence[str], rdtype: str
+                   ) -> list[Answer | DNSTempError | DNSPermError]:
+        """``Resolver.query_many`` within the message's deadline: each name's answer, or the
+        error ``query`` would have raised for it."""
+        left = self.remaining()
+        if left <= 0:
+            out: list[Answer | DNSTempError | DNSPermError] = []
+            for name in names:
+                msg = f"{name} {rdtype}: message DNS deadline passed"
+                self.errors.append(msg)
+                out.append(DNSTempError(msg))
+            return out
+        self.lookups += len(names)
+        results = self.resolver.query_many(names, rdtype, timeout=left)
+        self.errors.extend(str(r) for r in results if isinstance(r, DNSTempError))
+        return results
 
     # Convenience lookups used by the checks.
     def txt(self, name: str) -> list[bytes]:

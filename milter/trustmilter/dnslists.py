@@ -357,8 +357,16 @@ class ThrottledLog:
 throttled = ThrottledLog(log)
 
 
-def _query(session: "DNSSession", qname: str) -> list[str | bytes]:
-    return session.query(qname, "A").records
+def _query(session: "DNSSession", qname: str) -> Any:
+    return session.query(qname, "A")
+
+
+def _result_of(fut: cf.Future[Any]) -> Any:
+    """A finished lookup's answer, or the DNS error it raised (as ``query_many`` gives them)."""
+    try:
+        return fut.result()
+    except (DNSTempError, DNSPermError) as exc:
+        return exc
 
 
 def run_lookups(ctx: "CheckContext", prefix: str, lookups: list[Lookup], threads: int,
@@ -370,37 +378,42 @@ def run_lookups(ctx: "CheckContext", prefix: str, lookups: list[Lookup], threads
     unique: dict[str, Lookup] = {}
     for lk in lookups:
         unique.setdefault(lk.qname, lk)
-    pool = _pool(prefix.lower(), threads)
-    futures = {pool.submit(_query, session, lk.qname): lk for lk in unique.values()}
-    outcome.queried += len(futures)
-    done, not_done = cf.wait(futures, timeout=max(0.0, session.remaining()) + 0.25)
-    for fut in not_done:
-        fut.cancel()
+    outcome.queried += len(unique)
+    answers: list[Any]
+    if getattr(session.resolver, "batches", False):
+        # All at once on one socket, no thread per lookup (Resolver.query_many).
+        answers = list(session.query_many(list(unique), "A"))
+    else:
+        pool = _pool(prefix.lower(), threads)
+        futures = [pool.submit(_query, session, qname) for qname in unique]
+        done, _late = cf.wait(futures, timeout=max(0.0, session.remaining()) + 0.25)
+        answers = [_result_of(fut) if fut in done else None for fut in futures]
+        for fut in _late:
+            fut.cancel()
     merged: dict[str, list[str]] = {}
 
     def add(symbol: str, reason: str) -> None:
         merged.setdefault(symbol, []).append(reason)
 
-    for fut, lk in futures.items():
+    for lk, answer in zip(unique.values(), answers):
         zone = lk.lst.zone
-        if fut not in done:
+        if answer is None:
             outcome.errors.append(f"{zone}: {lk.subject}: not answered within the deadline")
             add(f"{prefix}_TEMPFAIL", f"{zone}: no answer within the message deadline")
             throttled.warning(f"{zone}:tempfail", "%s: %s lookup of %s not answered within the "
                               "message deadline", prefix, zone, lk.subject)
             continue
-        try:
-            records = fut.result()
-        except DNSTempError as exc:
-            outcome.errors.append(f"{zone}: {exc}")
-            add(f"{prefix}_TEMPFAIL", f"{zone}: {_short(exc)}")
+        if isinstance(answer, DNSTempError):
+            outcome.errors.append(f"{zone}: {answer}")
+            add(f"{prefix}_TEMPFAIL", f"{zone}: {_short(answer)}")
             throttled.warning(f"{zone}:tempfail", "%s: %s lookup failed: %s (not counted as a "
-                              "listing)", prefix, zone, exc)
+                              "listing)", prefix, zone, answer)
             continue
-        except DNSPermError as exc:
-            outcome.errors.append(f"{zone}: {exc}")
-            log.debug("%s: %s: %s", prefix, zone, exc)
+        if isinstance(answer, DNSPermError):
+            outcome.errors.append(f"{zone}: {answer}")
+            log.debug("%s: %s: %s", prefix, zone, answer)
             continue
+        records = answer.records
         if not records:
             continue
         reading = read_answer(lk.lst, records)

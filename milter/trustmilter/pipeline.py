@@ -206,9 +206,12 @@ def _run_checks(ctx: CheckContext, engine: Engine, timings: dict[str, float],
     # Checks whose own DNS work is bounded by the session deadline get a little grace on top.
     hard_stop = time.monotonic() + deadline + 2.0
 
+    disabled = engine.disabled
+
     def ready() -> list[ModuleType]:
+        # Called after every finished check: most checks depend on none, and go at the first call.
         out = [m for m in pending
-               if all(dep in done or dep in engine.disabled for dep in m.DEPENDS)]
+               if not m.DEPENDS or all(dep in done or dep in disabled for dep in m.DEPENDS)]
         for module in out:
             pending.remove(module)
         return out

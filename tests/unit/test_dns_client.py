@@ -483,3 +483,116 @@ def test_fast_read_leaves_odd_replies_to_dnspython() -> None:
     soa[at:at + 2] = b"\xc0\xff"
     assert _dnspython_reading(bytes(soa)) is None
     assert tdns._fast_read(bytes(soa), query.id, question) is None
+
+
+# ----- query_many: a batch on one socket ----------------------------------------------------------
+def _outcome(result: object) -> tuple[str, object]:
+    if isinstance(result, Exception):
+        return type(result).__name__, str(result)
+    assert isinstance(result, tdns.Answer)
+    return "Answer", (result.records, result.nxdomain, result.ttl)
+
+
+def _one_by_one(r: Resolver, names: list[str], rdtype: str, timeout: float) -> list[object]:
+    out: list[object] = []
+    for name in names:
+        try:
+            out.append(r.query(name, rdtype, timeout=timeout))
+        except (DNSTempError, DNSPermError) as exc:
+            out.append(exc)
+    return out
+
+
+def test_query_many_gives_each_name_what_query_gives(dns_server) -> None:
+    dns_server.add("a.example", "A", "192.0.2.1", ttl=60)
+    dns_server.add("b.example", "A", "192.0.2.2", ttl=60)
+    dns_server.add("b.example", "A", "192.0.2.3", ttl=60)
+    dns_server.add("txt-only.example", "TXT", "x")          # NODATA for A
+    dns_server.add("tc.example", "A", "192.0.2.9")
+    dns_server.on("tc.example", "truncate")                  # then over TCP
+    dns_server.on("broken.example", "servfail")
+    dns_server.on("refusing.example", "refused")
+    dns_server.on("silent.example", "timeout")
+    names = ["a.example", "missing.example", "b.example", "txt-only.example", "tc.example",
+             "broken.example", "refusing.example", "silent.example", "a" * 64 + ".example",
+             "A.Example"]
+    batch = resolver(dns_server.address, timeout=1.0).query_many(names, "A", timeout=0.4)
+    single = _one_by_one(resolver(dns_server.address, timeout=1.0), names, "A", 0.4)
+    assert [_outcome(r) for r in batch] == [_outcome(r) for r in single]
+    assert _outcome(batch[0])[0] == "Answer" and _outcome(batch[7]) == (
+        "DNSTempError", "silent.example A: timeout")
+
+
+def test_query_many_sends_everything_before_it_waits(dns_server) -> None:
+    for i in range(6):
+        dns_server.on(f"slow{i}.example", "delay:0.3")
+        dns_server.add(f"slow{i}.example", "A", f"192.0.2.{i + 1}")
+    dns_server.on("silent1.example", "timeout")
+    dns_server.on("silent2.example", "timeout")
+    r = resolver(dns_server.address, timeout=2.0)
+    started = time.monotonic()
+    results = r.query_many([f"slow{i}.example" for i in range(6)] +
+                           ["silent1.example", "silent2.example"], "A", timeout=0.6)
+    elapsed = time.monotonic() - started
+    assert [x.records for x in results[:6]] == [[f"192.0.2.{i + 1}"] for i in range(6)]
+    assert all(isinstance(x, DNSTempError) for x in results[6:])
+    assert 0.55 < elapsed < 1.0, f"{elapsed:.2f} s: the lookups did not overlap"
+    assert r.queries == 6     # answered from the network; timeouts are not counted
+
+
+def test_query_many_matches_replies_out_of_order_and_ignores_strangers(scripted) -> None:
+    """The server holds its replies until the last query, then sends them newest first, each
+    after a datagram with a wrong id and one with the right id but another question."""
+    held: list[dns.message.Message] = []
+
+    def reply(q: dns.message.Message) -> list[bytes]:
+        held.append(q)
+        if len(held) < 4:
+            return []
+        out: list[bytes] = []
+        for query in reversed(held):
+            name = query.question[0].name.to_text()
+            other = dns.message.make_query("other.example", "A")
+            other.id = query.id
+            out += [response(query, qid=(query.id + 1) % 65536,
+                             answer=[f"{name} 60 IN A 198.51.100.1"]),
+                    response(other, answer=["other.example. 60 IN A 198.51.100.2"]),
+                    response(query, answer=[f"{name} 60 IN A 192.0.2.{len(out) // 3 + 1}"])]
+        return out
+
+    server = scripted(reply)
+    names = [f"n{i}.example" for i in range(4)]
+    results = resolver(server.address).query_many(names, "A")
+    assert [x.records for x in results] == [["192.0.2.4"], ["192.0.2.3"], ["192.0.2.2"],
+                                            ["192.0.2.1"]]
+    assert len({dns.message.from_wire(d).id for d in server.received}) == 4   # distinct ids
+
+
+def test_query_many_uses_the_cache_and_a_closed_port_times_out(dns_server) -> None:
+    dns_server.add("cached.example", "A", "192.0.2.7", ttl=300)
+    r = resolver(dns_server.address, cache_size=100)
+    r.query("cached.example", "A")
+    before = len(dns_server.queries)
+    assert r.query_many(["cached.example"], "A")[0].records == ["192.0.2.7"]
+    assert len(dns_server.queries) == before
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    dead = resolver(f"127.0.0.1:{closed}", timeout=0.2)
+    for _ in range(2):   # and the socket works again (a fresh one) the next time
+        assert [str(x) for x in dead.query_many(["x.example", "y.example"], "A")] == [
+            "x.example A: timeout", "y.example A: timeout"]
+
+
+def test_session_query_many_keeps_the_message_deadline(dns_server) -> None:
+    dns_server.on("slow.example", "delay:1.0")
+    dns_server.add("fast.example", "A", "192.0.2.1")
+    session = tdns.session_for(resolver(dns_server.address, timeout=2.0), 0.3)
+    started = time.monotonic()
+    fast, slow = session.query_many(["fast.example", "slow.example"], "A")
+    assert time.monotonic() - started < 0.6
+    assert fast.records == ["192.0.2.1"] and isinstance(slow, DNSTempError)
+    assert session.errors == ["slow.example A: timeout"] and session.lookups == 2
+    time.sleep(0.05)
+    late = session.query_many(["fast.example"], "A")
+    assert [str(x) for x in late] == ["fast.example A: message DNS deadline passed"]

@@ -46,6 +46,17 @@ def _engine(make_engine: Callable[..., Engine], enable: list[str],
     return make_engine(overrides)
 
 
+@pytest.fixture(params=["batch", "threads"])
+def lookup_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The lookups all at once on one socket (Resolver.query_many, the stub path), or one per
+    thread of the list pool (the path of a resolver that cannot batch)."""
+    from trustmilter.dns import Resolver
+    assert Resolver.batches.fget is not None
+    if request.param == "threads":
+        monkeypatch.setattr(Resolver, "batches", property(lambda self: False))
+    return str(request.param)
+
+
 def _symbols(verdict: Any) -> dict[str, Any]:
     return {s.name: s for s in verdict.symbols}
 
@@ -59,7 +70,7 @@ def test_query_names_ipv4_ipv6_and_domains() -> None:
         dnslists.domain_query_label("bad_name")
 
 
-def test_zen_codes_map_to_distinct_symbols(dns_server, make_engine) -> None:
+def test_zen_codes_map_to_distinct_symbols(dns_server, make_engine, lookup_path) -> None:
     engine = _engine(make_engine, ["spamhaus_zen"])
     for code in ("127.0.0.2", "127.0.0.4", "127.0.0.10"):
         dns_server.add(f"{REV}.zen.spamhaus.org", "A", code)
@@ -116,7 +127,7 @@ def test_answer_outside_loopback_is_bad_answer(dns_server, make_engine, caplog) 
 
 
 @pytest.mark.parametrize("behaviour", ["timeout", "servfail", "refused"])
-def test_timeout_and_servfail_are_tempfail_not_hits(dns_server, make_engine, behaviour) -> None:
+def test_timeout_and_servfail_are_tempfail_not_hits(dns_server, make_engine, behaviour, lookup_path) -> None:
     engine = _engine(make_engine, ["spamcop", "psbl"])
     dns_server.on(f"{REV}.bl.spamcop.net", behaviour)
     dns_server.add(f"{REV}.psbl.surriel.com", "A", "127.0.0.2")
@@ -180,7 +191,7 @@ def test_query_limit(dns_server, make_engine) -> None:
     assert len(dns_server.queries) == 2
 
 
-def test_lookups_run_concurrently(dns_server, make_engine) -> None:
+def test_lookups_run_concurrently(dns_server, make_engine, lookup_path) -> None:
     lists = ["spamcop", "psbl", "mailspike_bl", "mailspike_wl"]
     engine = _engine(make_engine, lists)
     for zone in ("bl.spamcop.net", "psbl.surriel.com", "bl.mailspike.net", "wl.mailspike.net"):
@@ -193,7 +204,7 @@ def test_lookups_run_concurrently(dns_server, make_engine) -> None:
     assert elapsed < 0.9, f"4 lookups of 0.3 s took {elapsed:.2f} s: not concurrent"
 
 
-def test_message_deadline_bounds_slow_lists(dns_server, make_engine) -> None:
+def test_message_deadline_bounds_slow_lists(dns_server, make_engine, lookup_path) -> None:
     engine = _engine(make_engine, ["spamcop"], {"dns": {"deadline": 0.3, "timeout": 2.0}})
     dns_server.on(f"{REV}.bl.spamcop.net", "delay:1.5")
     t0 = time.monotonic()
