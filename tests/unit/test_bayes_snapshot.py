@@ -117,10 +117,13 @@ def _engine_on(path: Path, tmp_path: Path, **bayes: object) -> "Engine":
 def test_an_engine_warmed_up_answers_its_first_message_from_the_snapshot(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the milter's workers do before they say ready (bayes.snapshot_at_start)."""
+    from trustmilter.content import features
     engine = _engine_on(trained, tmp_path)
     store = engine.state["content.bayes"].store
     assert store._snapshot is None
+    monkeypatch.setattr(features, "_psl", {})
     engine.warm_up()
+    assert set(features._psl) == {False, True}     # content analysis's lists, parsed too
     plain = SQLiteTokenStore(trained, readonly=True, snapshot_after=0)
     assert store.snapshot_tokens() == plain.token_count() > 0
 

@@ -7,7 +7,7 @@ import logging
 import time
 
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.content import analyze
+from trustmilter.content import analyze, features
 from trustmilter.content.bayes import TOKENIZER_VERSION, BayesClassifier, BayesSettings
 from trustmilter.content.features import Limits
 
@@ -55,6 +55,7 @@ def warm_up(engine) -> None:  # type: ignore[no-untyped-def]
     """A long-lived process (the milter's workers) reads the token snapshot before its first
     message (``bayes.snapshot_at_start``): ~0.5 s of CPU once, instead of scoring its first
     ``snapshot_after`` messages from SQLite at ~3 times the CPU per lookup."""
+    features.warm_up()
     if not engine.config.section(NAME).get("snapshot_at_start", True):
         return
     classifier: BayesClassifier = engine.cached("content.bayes", lambda: _missing())

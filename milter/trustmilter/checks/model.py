@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from trustmilter.checks.base import CheckContext, CheckResult
-from trustmilter.content import analyze
+from trustmilter.content import analyze, features
 from trustmilter.content.features import Limits
 from trustmilter.types import Symbol
 
@@ -21,6 +21,11 @@ def setup(engine) -> None:  # type: ignore[no-untyped-def]
     section = engine.config.section("model")
     engine.cached("content.model", lambda: shared_model(resolve_model_path(section)))
     engine.cached("content.limits", lambda: Limits.from_config(engine.config.data.get("content")))
+
+
+def warm_up(engine) -> None:  # type: ignore[no-untyped-def]
+    """What content analysis builds on first use, built before a worker's first message."""
+    features.warm_up()
 
 
 def _logit(p: float) -> float:

@@ -125,6 +125,13 @@ _psl_lock = threading.Lock()
 _psl: dict[bool, Any] = {}
 
 
+def warm_up() -> None:
+    """Parse both Public Suffix List variants now (~40 ms each), not in a long-lived process's
+    first message with a link (the milter's workers call this before their first message)."""
+    for strict in (False, True):
+        _public_suffix_list(strict)
+
+
 def _public_suffix_list(strict: bool) -> Any:
     with _psl_lock:
         if strict not in _psl:
