@@ -221,6 +221,7 @@ milter:
   socket_owner: postfix
   log_format: json
   log_file: {TM_LOG}
+  workers: {self.args.tm_workers}
 """)
         return path
 
@@ -909,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-after-the-other", action="store_true",
                         help="the milter runs as before: all of rspamd's passes, then all of "
                              "trustmilter's (default: interleaved rounds)")
+    parser.add_argument("--tm-workers", type=int, default=0,
+                        help="trustmilter's milter.workers (default 0: two per core, as shipped)")
     parser.add_argument("--no-train", action="store_true",
                         help="do not time `trustmilter train` (the peers always train)")
     args = parser.parse_args(argv)
