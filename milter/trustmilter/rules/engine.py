@@ -940,10 +940,7 @@ class ReplyTo(Condition):
 
 
 @functools.lru_cache(maxsize=1024)   # several rules read the same Date/Received dates
-@functools.lru_cache(maxsize=512)
 def _parse_date(value: str) -> float | None:
-    """A date header's time stamp, or None. Memoized: every Date rule of a message asks for the
-    same value (email.utils' parser is ~15 us)."""
     try:
         parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
