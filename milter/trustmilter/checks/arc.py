@@ -333,14 +333,15 @@ def setup(engine: Any) -> None:
             raise ConfigError(f"not a domain: {entry!r}", key="arc.trusted_sealers")
 
 
-_ARC_HEADERS = frozenset({"arc-seal", "arc-message-signature", "arc-authentication-results"})
-# Any of them, as dkimpy's sorted_arc_headers names them (relaxed: lower case, trailing WSP gone).
+# The ARC fields, as dkimpy's sorted_arc_headers names them (relaxed: lower case, trailing WSP
+# gone).
 _ARC_FIELD = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
 
 
 def runs_inline(ctx: CheckContext) -> bool:
-    """No ARC header at all: the chain is none (ARC_NA) without a lookup, no thread needed."""
-    return not any(h.lname in _ARC_HEADERS for h in ctx.message.headers)
+    """No ARC header at all: the chain is none (ARC_NA) without a lookup, no thread needed. The
+    same test ``run`` makes before it validates."""
+    return not may_hold_field(ctx.message.raw, _ARC_FIELD)
 
 
 def run(ctx: CheckContext) -> CheckResult:

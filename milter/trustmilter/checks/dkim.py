@@ -474,8 +474,9 @@ def _label(res: DKIMSignatureResult) -> str:
 
 
 def runs_inline(ctx: CheckContext) -> bool:
-    """No DKIM-Signature header: nothing to look up (DKIM_NA), no thread needed."""
-    return not any(h.lname == "dkim-signature" for h in ctx.message.headers)
+    """No DKIM-Signature header: nothing to look up (DKIM_NA), no thread needed. The same test
+    ``verify_message`` makes before it splits the message for dkimpy."""
+    return not may_hold_field(ctx.message.raw, _SIGNATURE_FIELD)
 
 
 def run(ctx: CheckContext) -> CheckResult:
