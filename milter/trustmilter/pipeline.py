@@ -105,8 +105,7 @@ class CheckThreads:
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = limit
-        # Re-entrant: one piece of state may be built from another (reputation keys from the PSL).
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
