@@ -122,12 +122,8 @@ class Resolver:
             return hit
         try:
             answer = self._exchange(qname, key_name, qtype, question, deadline)
-        except _Timeout:
-            raise DNSTempError(f"{name} {rdtype}: timeout") from None
-        except _ServerFailure as exc:
-            raise DNSTempError(f"{name} {rdtype}: server failure ({exc.args[0]})") from None
-        except _YXDomain:
-            raise DNSPermError(f"{name} {rdtype}: YXDOMAIN") from None
+        except (_Timeout, _ServerFailure, _YXDomain) as exc:
+            raise _dns_error(exc, name, rdtype) from None
         with self._lock:
             self.queries += 1
         return answer
@@ -205,8 +201,8 @@ class Resolver:
             if not sent:   # as ``query``: nothing could be sent at all
                 local.close()
                 for entry in pending.values():
-                    results[entry.index] = DNSTempError(
-                        f"{entry.name} {rdtype}: server failure (no answer)")
+                    results[entry.index] = _dns_error(_ServerFailure("no answer"), entry.name,
+                                                      rdtype)
                 return
             # Else the port-unreachable error of a query sent before: read below as ``query``.
         answered = 0
@@ -222,27 +218,24 @@ class Resolver:
             except OSError:   # port unreachable: as ``query`` does
                 _wait_out(local, deadline)
                 break
-            entry = pending.get(int.from_bytes(wire[:2], "big")) if len(wire) >= 2 else None
+            qid = int.from_bytes(wire[:2], "big") if len(wire) >= 2 else -1
+            entry = pending.get(qid)
             if entry is None:
                 continue     # late, or not ours
+            result: Answer | DNSTempError | DNSPermError
             try:
                 answer = self._read_udp(wire, entry, qtype, deadline)
-            except _Timeout:
-                result: Answer | DNSTempError | DNSPermError = DNSTempError(
-                    f"{entry.name} {rdtype}: timeout")
-            except _ServerFailure as exc:
-                result = DNSTempError(f"{entry.name} {rdtype}: server failure ({exc.args[0]})")
-            except _YXDomain:
-                result = DNSPermError(f"{entry.name} {rdtype}: YXDOMAIN")
+            except (_Timeout, _ServerFailure, _YXDomain) as exc:
+                result = _dns_error(exc, entry.name, rdtype)
             else:
                 if answer is None:
                     continue     # our id, another question: not the reply
                 result = answer
                 answered += 1
             results[entry.index] = result
-            del pending[int.from_bytes(wire[:2], "big")]
+            del pending[qid]
         for entry in pending.values():
-            results[entry.index] = DNSTempError(f"{entry.name} {rdtype}: timeout")
+            results[entry.index] = _dns_error(_Timeout(), entry.name, rdtype)
         if answered:
             with self._lock:
                 self.queries += answered
@@ -467,6 +460,15 @@ def _question(qname: dns.name.Name, qtype: int) -> tuple[dns.name.Name, bytes, b
     return qname, wire_name.lower(), question
 
 
+def _dns_error(exc: Exception, name: str, rdtype: str) -> DNSTempError | DNSPermError:
+    """The typed error a lookup of (name, rdtype) ends in, from the stub path's own."""
+    if isinstance(exc, _YXDomain):
+        return DNSPermError(f"{name} {rdtype}: YXDOMAIN")
+    if isinstance(exc, _ServerFailure):
+        return DNSTempError(f"{name} {rdtype}: server failure ({exc.args[0]})")
+    return DNSTempError(f"{name} {rdtype}: timeout")
+
+
 def _wait_out(local: "_Conn", deadline: float) -> None:
     """After a port-unreachable error: a new socket next time, and the time waited out."""
     local.close()
@@ -503,7 +505,7 @@ class _Malformed(Exception):
 
 
 class _PerThread(threading.local):
-    """One thread's socket and its store of random query ids."""
+    """Each thread's own ``_Conn``."""
 
     def __init__(self) -> None:
         self.conn = _Conn()
@@ -773,12 +775,15 @@ class DNSSession:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def _too_late(self, name: str, rdtype: str) -> DNSTempError:
+        msg = f"{name} {rdtype}: message DNS deadline passed"
+        self.errors.append(msg)
+        return DNSTempError(msg)
+
     def query(self, name: str, rdtype: str) -> Answer:
         left = self.remaining()
         if left <= 0:
-            msg = f"{name} {rdtype}: message DNS deadline passed"
-            self.errors.append(msg)
-            raise DNSTempError(msg)
+            raise self._too_late(name, rdtype)
         self.lookups += 1
         try:
             return self.resolver.query(name, rdtype, timeout=left)
@@ -792,12 +797,7 @@ class DNSSession:
         error ``query`` would have raised for it."""
         left = self.remaining()
         if left <= 0:
-            out: list[Answer | DNSTempError | DNSPermError] = []
-            for name in names:
-                msg = f"{name} {rdtype}: message DNS deadline passed"
-                self.errors.append(msg)
-                out.append(DNSTempError(msg))
-            return out
+            return [self._too_late(name, rdtype) for name in names]
         self.lookups += len(names)
         results = self.resolver.query_many(names, rdtype, timeout=left)
         self.errors.extend(str(r) for r in results if isinstance(r, DNSTempError))
