@@ -207,10 +207,15 @@ def test_yxdomain_is_a_permerror(scripted) -> None:
         resolver(server.address).query("yx.example", "A")
 
 
-def test_closed_port_is_a_timeout_then_the_socket_works_again(dns_server) -> None:
+def closed_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing listens on (bound, then let go)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def test_closed_port_is_a_timeout_then_the_socket_works_again(dns_server) -> None:
+    closed = closed_port()
     r = resolver(f"127.0.0.1:{closed}", timeout=0.2)
     for _ in range(2):
         with pytest.raises(DNSTempError, match="timeout"):
@@ -575,10 +580,7 @@ def test_query_many_uses_the_cache_and_a_closed_port_times_out(dns_server) -> No
     before = len(dns_server.queries)
     assert r.query_many(["cached.example"], "A")[0].records == ["192.0.2.7"]
     assert len(dns_server.queries) == before
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    dead = resolver(f"127.0.0.1:{closed}", timeout=0.2)
+    dead = resolver(f"127.0.0.1:{closed_port()}", timeout=0.2)
     for _ in range(2):   # and the socket works again (a fresh one) the next time
         assert [str(x) for x in dead.query_many(["x.example", "y.example"], "A")] == [
             "x.example A: timeout", "y.example A: timeout"]
