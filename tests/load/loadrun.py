@@ -134,10 +134,6 @@ def milter_config(dns: TestDNSServer, workdir: Path, workers: int) -> dict[str, 
     from test_milter_postfix import milter_config as base
     config = base(dns, workdir / "trustmilter.log", workers=workers)
     config["dns"] = {"server": dns.address}
-    # The Bayes snapshot (bayes.snapshot_after, 1000 messages per worker by default) is read
-    # once per worker: early, so that it is part of run 1's warm-up like every other cache and
-    # the leak check compares steady states (a worker sees ~500 messages of the CI run).
-    config["bayes"] = {**config.get("bayes", {}), "snapshot_after": 50}
     return config
 
 
