@@ -143,16 +143,23 @@ def test_no_snapshot_at_start_when_the_config_says_so(trained: Path, tmp_path: P
 
 
 def test_a_snapshot_that_cannot_be_read_leaves_sqlite_answering(
-        trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     engine = _engine_on(trained, tmp_path)
     store = engine.state["content.bayes"].store
     tokens = _items("spam", "eval")[0][1]
     truth = _fresh(trained, tokens)[1]
-    def unreadable() -> None:
-        raise sqlite3.OperationalError("disk I/O error")
-    monkeypatch.setattr(store, "read_snapshot", unreadable)
-    engine.warm_up()
+    # Another connection holds the database exclusively (WAL with locking_mode EXCLUSIVE shuts
+    # every other connection out): the snapshot's read fails after the busy timeout. (The
+    # store's own connection goes first, or the lock could not be taken; it reopens on use.)
+    store.close()
+    locker = sqlite3.connect(trained, isolation_level=None)
+    locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        engine.warm_up()
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
     assert store.snapshot_tokens() == 0
     assert "Bayes snapshot" in caplog.text and "not read" in caplog.text
     assert store.counts(tokens) == truth
