@@ -414,22 +414,11 @@ milter:
         log(f"{key}: smtpd_milters = {milter or '(none)'}; smtp_send.py --conc 8 "
             f"--repeat {self.args.repeat}")
         self.set_milter(milter)
-        self.peer("smtp_send.py", "--list", str(self.warmup_list), "--conc", "8",
-                  "--out", str(self.out / f"warmup_{key}"))
+        self.warm_up_smtp(key)
         self.log_offset = _log_lines(TM_LOG)
-        prefix = self.out / key
-        args = ["--list", str(self.test_list), "--conc", "8", "--repeat", str(self.args.repeat),
-                "--out", str(prefix)]
-        dns0, cpu0, load = self.dns_queries(), tree_cpu(roots), os.getloadavg()[0]
-        with Sampler(lambda: roots) as sampler:
-            self.peer("smtp_send.py", *args)
-        cpu = tree_cpu(roots) - cpu0
-        s = json.loads(prefix.with_suffix(".json").read_text())
-        n = s["messages"]
-        codes: dict[str, int] = {}
-        for outcome, count in s["outcomes"].items():
-            code = outcome.split(":")[1]
-            codes[code] = codes.get(code, 0) + count
+        sent = self.send_measured(self.out / key, roots, self.args.repeat)
+        s, n = sent["summary"], sent["summary"]["messages"]
+        codes = _smtp_codes(s["outcomes"])
         self.results[key] = {
             "path": "milter via Postfix" if milter else "Postfix alone", "messages": n,
             "wall_s": s["wall_s"], "msgs_per_s": round(n / s["wall_s"], 1),
@@ -437,12 +426,31 @@ milter:
             "system_cpu_busy_pct": s["system_cpu_busy_pct_of_2cores"],
             "outcomes": s["outcomes"], "smtp_codes": codes,
             "tempfails": sum(c for code, c in codes.items() if code.startswith("4")),
-            "dns_queries": self.dns_queries() - dns0, "load_1m_at_start": round(load, 2),
-            "smtpd_milters": milter, "command": f"smtp_send.py {' '.join(args)}",
+            "dns_queries": sent["dns_queries"], "load_1m_at_start": sent["load_1m_at_start"],
+            "smtpd_milters": milter, "command": sent["command"],
         }
         if roots:
-            self.results[key].update(cpu_s=round(cpu, 2), msgs_per_cpu_s=round(n / max(cpu, 1e-9), 1),
-                                     memory=sampler.result())
+            self.results[key].update(cpu_s=round(sent["cpu_s"], 2),
+                                     msgs_per_cpu_s=round(n / max(sent["cpu_s"], 1e-9), 1),
+                                     memory=sent["memory"])
+
+    def warm_up_smtp(self, key: str) -> None:
+        self.peer("smtp_send.py", "--list", str(self.warmup_list), "--conc", "8",
+                  "--out", str(self.out / f"warmup_{key}"))
+
+    def send_measured(self, prefix: Path, roots: list[int], repeat: int) -> dict[str, Any]:
+        """The test split through Postfix ``repeat`` times, with the CPU of the processes under
+        ``roots``, their peak memory, the DNS queries and the load: smtp_send.py's summary
+        ("summary") and those figures."""
+        args = ["--list", str(self.test_list), "--conc", "8", "--repeat", str(repeat),
+                "--out", str(prefix)]
+        dns0, cpu0, load = self.dns_queries(), tree_cpu(roots), os.getloadavg()[0]
+        with Sampler(lambda: roots) as sampler:
+            self.peer("smtp_send.py", *args)
+        return {"summary": json.loads(prefix.with_suffix(".json").read_text()),
+                "cpu_s": tree_cpu(roots) - cpu0, "dns_queries": self.dns_queries() - dns0,
+                "load_1m_at_start": round(load, 2), "memory": sampler.result(),
+                "command": f"smtp_send.py {' '.join(args)}"}
 
     def rspamd_milter(self) -> None:
         self.smtp("rspamd_milter", f"unix:{RSPAMD_SOCK}", self.rspamd_roots())
@@ -474,8 +482,7 @@ milter:
                    "tm_milter": (f"unix:{TM_SOCK}", lambda: [self.milter.pid])}
         for key, (spec, _roots) in engines.items():
             self.set_milter(spec)
-            self.peer("smtp_send.py", "--list", str(self.warmup_list), "--conc", "8",
-                      "--out", str(self.out / f"warmup_{key}"))
+            self.warm_up_smtp(key)
         self.log_offset = _log_lines(TM_LOG)
         rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in engines}
         for number in range(self.args.repeat):
@@ -484,18 +491,15 @@ milter:
                 spec, roots_of = engines[key]
                 log(f"round {number + 1}: {key}: smtpd_milters = {spec}; smtp_send.py --conc 8")
                 self.set_milter(spec)
-                roots = roots_of()
                 prefix = self.out / f"{key}_round{number + 1}"
-                dns0, cpu0, load = self.dns_queries(), tree_cpu(roots), os.getloadavg()[0]
-                with Sampler(lambda: roots) as sampler:
-                    self.peer("smtp_send.py", "--list", str(self.test_list), "--conc", "8",
-                              "--repeat", "1", "--out", str(prefix))
-                summary = json.loads(prefix.with_suffix(".json").read_text())
+                sent = self.send_measured(prefix, roots_of(), 1)
+                summary = sent["summary"]
                 rounds[key].append({
                     "round": number + 1, "messages": summary["messages"],
-                    "wall_s": summary["wall_s"], "cpu_s": tree_cpu(roots) - cpu0,
-                    "dns_queries": self.dns_queries() - dns0, "load_1m_at_start": round(load, 2),
-                    "outcomes": summary["outcomes"], "memory": sampler.result(),
+                    "wall_s": summary["wall_s"], "cpu_s": sent["cpu_s"],
+                    "dns_queries": sent["dns_queries"],
+                    "load_1m_at_start": sent["load_1m_at_start"],
+                    "outcomes": summary["outcomes"], "memory": sent["memory"],
                     "system_cpu_busy_pct": summary["system_cpu_busy_pct_of_2cores"],
                     "latencies_s": _csv_latencies(prefix.with_suffix(".csv"))})
         for key, parts in rounds.items():
@@ -596,6 +600,15 @@ milter:
         self.peer("stop_all.sh", check=False)
 
 
+def _smtp_codes(outcomes: dict[str, int]) -> dict[str, int]:
+    """smtp_send.py's outcomes ("label:code:...") counted by SMTP reply code."""
+    codes: dict[str, int] = {}
+    for outcome, count in outcomes.items():
+        code = outcome.split(":")[1]
+        codes[code] = codes.get(code, 0) + count
+    return codes
+
+
 def _csv_latencies(path: Path) -> list[float]:
     with path.open(newline="") as f:
         return [float(row["latency_s"]) for row in csv.DictReader(f) if row.get("latency_s")]
@@ -611,10 +624,7 @@ def _combined(parts: list[dict[str, Any]], spec: str) -> dict[str, Any]:
     for p in parts:
         for outcome, count in p["outcomes"].items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
-    codes: dict[str, int] = {}
-    for outcome, count in outcomes.items():
-        code = outcome.split(":")[1]
-        codes[code] = codes.get(code, 0) + count
+    codes = _smtp_codes(outcomes)
     memory = {k: max(p["memory"][k] for p in parts) for k in parts[0]["memory"]}
     return {
         "path": "milter via Postfix", "messages": n, "wall_s": round(wall, 3),
