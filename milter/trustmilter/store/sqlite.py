@@ -20,7 +20,7 @@ transaction, with the totals and generation it belongs to) into numpy arrays: th
 token: 4.8 MB for the shipped 397k tokens, which share 3.5k pairs), and looks a message's
 tokens up with one ``searchsorted`` instead of a query; Bayes then scores by pair
 (``pair_rows``). Lookup and scoring: 0.15 instead of ~1.0 ms CPU per message of the corpus test
-split, after ~0.6-0.8 s to read 400k tokens. It answers only while (nspam, nham, generation)
+split, after ~0.5-0.8 s to read 400k tokens. It answers only while (nspam, nham, generation)
 is what it was read with; after a change the SQLite path answers again and, after another
 ``snapshot_after`` messages, a new snapshot is read in the background. Tokens are known by
 their hash alone there, as SpamAssassin (40 bits) and rspamd (64 bits) store them: a token the
