@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.bayes_items import items as _items
 from tests.unit.test_bayes_freshness import (_fresh, _in_another_process, _wait_until,  # noqa: F401
@@ -163,3 +165,24 @@ def test_a_snapshot_that_cannot_be_read_leaves_sqlite_answering(
     assert store.snapshot_tokens() == 0
     assert "Bayes snapshot" in caplog.text and "not read" in caplog.text
     assert store.counts(tokens) == truth
+
+
+_INT64 = st.integers(-2**63, 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(known=st.lists(_INT64 | st.sampled_from([-2**63, -1, 0, 2**63 - 1]), max_size=300),
+       others=st.lists(_INT64 | st.sampled_from([-2**63, -1, 0, 2**63 - 1]), max_size=50))
+def test_the_bucket_index_finds_exactly_the_hashes_a_plain_search_finds(
+        known: list[int], others: list[int]) -> None:
+    # Hashes at both ends of int64, in the first and the last bucket, empty buckets at either
+    # end, duplicates in the database (left out as ambiguous) and in the query.
+    hashes = np.array(known, dtype=np.int64)
+    spam = np.arange(hashes.size, dtype=np.int32)
+    snapshot = _Snapshot.build((1, 1, 0), hashes.copy(), spam, np.zeros_like(spam))
+    wanted = np.array(known[::2] + others + known[:3], dtype=np.int64)
+    where, pairs = snapshot.find(wanted)
+    kept = {int(h): i for i, h in enumerate(snapshot.hashes.tolist())}
+    expected = [i for i, h in enumerate(wanted.tolist()) if h in kept]
+    assert where.tolist() == expected
+    assert pairs.tolist() == [int(snapshot.pair[kept[wanted[i]]]) for i in expected]
