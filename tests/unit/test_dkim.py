@@ -421,3 +421,19 @@ def test_the_shortcut_reads_only_what_dkimpy_takes_for_headers(
     from trustmilter.checks.arc import _ARC_FIELD
     assert dkim_check.may_hold_field(raw, dkim_check._SIGNATURE_FIELD) is dkim_possible
     assert dkim_check.may_hold_field(raw, _ARC_FIELD) is arc_possible
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"A", b"x", b":", b" "]), max_size=40))
+def test_the_header_block_ends_where_dkimpys_split_ends_it(parts: list[bytes]) -> None:
+    """``_lower_head`` (two finds) cuts exactly where the regex ``\\r?\\n\\r?\\n`` first matches,
+    for every mix of CR, LF and text; the parsed-message form gives the same answer."""
+    from trustmilter.message import ParsedMessage
+    raw = b"".join(parts)
+    end = dkim_check._HEADER_END.search(raw)
+    expected = raw if end is None or raw.startswith((b"\n", b"\r\n")) else raw[:end.start()]
+    assert dkim_check._lower_head(raw) == expected.lower()
+    message = ParsedMessage.parse(raw)
+    for names in ((b"a",), (b"x:",), (b"zz",)):
+        assert dkim_check.message_may_hold_field(message, names) is dkim_check.may_hold_field(
+            raw, names) is any(n in expected.lower() for n in names)
