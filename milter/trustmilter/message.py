@@ -37,18 +37,15 @@ class ParsedMessage:
     headers: list[Header] = field(default_factory=list)
     body_offset: int = 0
     defects: list[str] = field(default_factory=list)
+    # Where the header block ends: the start of the first empty line (len(raw) when none).
+    head_end: int = 0
 
     @classmethod
     def parse(cls, raw: bytes) -> "ParsedMessage":
         match = _HEADER_END.search(raw)
-        if match:
-            head, offset = raw[:match.start()], match.end()
-        elif raw.endswith(b"\n") or raw.endswith(b"\r"):
-            head, offset = raw, len(raw)
-        else:
-            head, offset = raw, len(raw)
-        msg = cls(raw=raw, body_offset=offset)
-        msg.headers = _split_headers(head, msg.defects)
+        head_end, offset = (match.start(), match.end()) if match else (len(raw), len(raw))
+        msg = cls(raw=raw, body_offset=offset, head_end=head_end)
+        msg.headers = _split_headers(raw[:head_end], msg.defects)
         return msg
 
     @property

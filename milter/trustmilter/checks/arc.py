@@ -32,7 +32,7 @@ from authres.arc import ARCAuthenticationResult
 
 from trustmilter.checks.base import CheckContext, CheckResult
 from trustmilter.checks.dkim import (DKIMPY_LOGGER, choose_key_record, dkimpy_message_of,
-                                     huge_body_turn, message_may_hold_field)
+                                     huge_body_turn, may_hold_field)
 from trustmilter.checks.outcomes import ARCOutcome
 from trustmilter.errors import ConfigError, DNSPermError, DNSTempError
 from trustmilter.types import AuthStatus
@@ -341,11 +341,11 @@ _ARC_FIELD = (b"arc-seal", b"arc-message-signature", b"arc-authentication-result
 def runs_inline(ctx: CheckContext) -> bool:
     """No ARC header at all: the chain is none (ARC_NA) without a lookup, no thread needed. The
     same test ``run`` makes before it validates."""
-    return not message_may_hold_field(ctx.message, _ARC_FIELD)
+    return not may_hold_field(ctx.message, _ARC_FIELD)
 
 
 def run(ctx: CheckContext) -> CheckResult:
-    if not message_may_hold_field(ctx.message, _ARC_FIELD):
+    if not may_hold_field(ctx.message, _ARC_FIELD):
         validation = ChainValidation(ARCOutcome(AuthStatus.NONE, reason="no ARC sets"))
     else:
         with huge_body_turn(dkimpy_message_of(ctx.message)[1]):
