@@ -223,15 +223,18 @@ class SQLiteTokenStore:
         SQLite path answers)."""
         if not self.snapshot_after:
             return False
-        self._building = os.getpid()
-        self._since_snapshot = 0
-        self._build_snapshot()
+        self._start_snapshot(wait=True)
         return self._snapshot is not None
 
-    def _start_snapshot(self) -> None:
+    def _start_snapshot(self, *, wait: bool = False) -> None:
+        """Read a snapshot: in a background thread, or with ``wait`` in this one."""
         self._building = os.getpid()
         self._since_snapshot = 0
-        threading.Thread(target=self._build_snapshot, name="bayes-snapshot", daemon=True).start()
+        if wait:
+            self._build_snapshot()
+        else:
+            threading.Thread(target=self._build_snapshot, name="bayes-snapshot",
+                             daemon=True).start()
 
     def _build_snapshot(self) -> None:
         try:
@@ -593,10 +596,6 @@ class _Snapshot:
 
     def rows(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(positions in ``tokens`` of the tokens found, ascending; their pair numbers)."""
-        hashes = self.hashes
-        if not tokens or not hashes.size:
-            empty = np.empty(0, dtype=np.intp)
-            return empty, empty
         return self.find(np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens)))
 
     def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
