@@ -416,40 +416,35 @@ milter:
         self.set_milter(milter)
         self.warm_up_smtp(key)
         self.log_offset = _log_lines(TM_LOG)
-        sent = self.send_measured(self.out / key, roots, self.args.repeat)
-        s, n = sent["summary"], sent["summary"]["messages"]
-        codes = _smtp_codes(s["outcomes"])
-        self.results[key] = {
-            "path": "milter via Postfix" if milter else "Postfix alone", "messages": n,
-            "wall_s": s["wall_s"], "msgs_per_s": round(n / s["wall_s"], 1),
-            "latency_p50_ms": s["lat_ms_median"], "latency_p99_ms": s["lat_ms_p99"],
-            "system_cpu_busy_pct": s["system_cpu_busy_pct_of_2cores"],
-            "outcomes": s["outcomes"], "smtp_codes": codes,
-            "tempfails": sum(c for code, c in codes.items() if code.startswith("4")),
-            "dns_queries": sent["dns_queries"], "load_1m_at_start": sent["load_1m_at_start"],
-            "smtpd_milters": milter, "command": sent["command"],
-        }
-        if roots:
-            self.results[key].update(cpu_s=round(sent["cpu_s"], 2),
-                                     msgs_per_cpu_s=round(n / max(sent["cpu_s"], 1e-9), 1),
-                                     memory=sent["memory"])
+        result = _combined([self.send_measured(self.out / key, roots, self.args.repeat)], milter)
+        del result["rounds"]     # one send of --repeat passes: no rounds
+        if not milter:
+            result["path"] = "Postfix alone"
+        if not roots:            # Postfix alone: no filter processes to measure
+            for name in ("cpu_s", "msgs_per_cpu_s", "memory"):
+                del result[name]
+        self.results[key] = result
 
     def warm_up_smtp(self, key: str) -> None:
         self.peer("smtp_send.py", "--list", str(self.warmup_list), "--conc", "8",
                   "--out", str(self.out / f"warmup_{key}"))
 
     def send_measured(self, prefix: Path, roots: list[int], repeat: int) -> dict[str, Any]:
-        """The test split through Postfix ``repeat`` times, with the CPU of the processes under
-        ``roots``, their peak memory, the DNS queries and the load: smtp_send.py's summary
-        ("summary") and those figures."""
+        """The test split through Postfix ``repeat`` times, as one part of ``_combined``: counts,
+        wall time and latencies (smtp_send.py's summary and CSV), the CPU of the processes
+        under ``roots`` and their peak memory, the DNS queries and the load."""
         args = ["--list", str(self.test_list), "--conc", "8", "--repeat", str(repeat),
                 "--out", str(prefix)]
         dns0, cpu0, load = self.dns_queries(), tree_cpu(roots), os.getloadavg()[0]
         with Sampler(lambda: roots) as sampler:
             self.peer("smtp_send.py", *args)
-        return {"summary": json.loads(prefix.with_suffix(".json").read_text()),
+        summary = json.loads(prefix.with_suffix(".json").read_text())
+        return {"messages": summary["messages"], "wall_s": summary["wall_s"],
                 "cpu_s": tree_cpu(roots) - cpu0, "dns_queries": self.dns_queries() - dns0,
-                "load_1m_at_start": round(load, 2), "memory": sampler.result(),
+                "load_1m_at_start": round(load, 2), "outcomes": summary["outcomes"],
+                "memory": sampler.result(),
+                "system_cpu_busy_pct": summary["system_cpu_busy_pct_of_2cores"],
+                "latencies_s": _csv_latencies(prefix.with_suffix(".csv")),
                 "command": f"smtp_send.py {' '.join(args)}"}
 
     def rspamd_milter(self) -> None:
@@ -492,18 +487,12 @@ milter:
                 log(f"round {number + 1}: {key}: smtpd_milters = {spec}; smtp_send.py --conc 8")
                 self.set_milter(spec)
                 prefix = self.out / f"{key}_round{number + 1}"
-                sent = self.send_measured(prefix, roots_of(), 1)
-                summary = sent["summary"]
-                rounds[key].append({
-                    "round": number + 1, "messages": summary["messages"],
-                    "wall_s": summary["wall_s"], "cpu_s": sent["cpu_s"],
-                    "dns_queries": sent["dns_queries"],
-                    "load_1m_at_start": sent["load_1m_at_start"],
-                    "outcomes": summary["outcomes"], "memory": sent["memory"],
-                    "system_cpu_busy_pct": summary["system_cpu_busy_pct_of_2cores"],
-                    "latencies_s": _csv_latencies(prefix.with_suffix(".csv"))})
+                rounds[key].append({"round": number + 1,
+                                    **self.send_measured(prefix, roots_of(), 1)})
         for key, parts in rounds.items():
             self.results[key] = _combined(parts, engines[key][0])
+            self.results[key]["command"] = ("smtp_send.py --list test_list.txt --conc 8 "
+                                            "--repeat 1, per round")
         self.results["rspamd_milter"]["engine"] = "rspamd"
         self.results["interleaved"] = {
             "rounds": self.args.repeat,
@@ -615,7 +604,8 @@ def _csv_latencies(path: Path) -> list[float]:
 
 
 def _combined(parts: list[dict[str, Any]], spec: str) -> dict[str, Any]:
-    """One engine's interleaved rounds as one result, in the keys ``smtp`` writes."""
+    """Measured sends (``send_measured``) as one result: an engine's interleaved rounds, or the
+    one send of ``smtp``."""
     n = sum(p["messages"] for p in parts)
     wall = sum(p["wall_s"] for p in parts)
     cpu = sum(p["cpu_s"] for p in parts)
@@ -636,10 +626,9 @@ def _combined(parts: list[dict[str, Any]], spec: str) -> dict[str, Any]:
         "tempfails": sum(c for code, c in codes.items() if code.startswith("4")),
         "dns_queries": sum(p["dns_queries"] for p in parts),
         "load_1m_at_start": parts[0]["load_1m_at_start"], "smtpd_milters": spec,
-        "command": "smtp_send.py --list test_list.txt --conc 8 --repeat 1, per round",
-        "cpu_s": round(cpu, 2), "msgs_per_cpu_s": round(n / max(cpu, 1e-9), 1),
+        "command": parts[0]["command"], "cpu_s": round(cpu, 2), "msgs_per_cpu_s": round(n / max(cpu, 1e-9), 1),
         "memory": memory,
-        "rounds": [{k: v for k, v in p.items() if k != "latencies_s"}
+        "rounds": [{k: v for k, v in p.items() if k not in ("latencies_s", "command")}
                    | {"msgs_per_s": round(p["messages"] / p["wall_s"], 1),
                       "msgs_per_cpu_s": round(p["messages"] / max(p["cpu_s"], 1e-9), 1)}
                    for p in parts]}

@@ -15,7 +15,8 @@ def _round(number: int, messages: int, wall: float, cpu: float, latencies: list[
             "outcomes": {"ham:250": messages - 1, "spam:550": 1},
             "memory": {"peak_rss_mb": rss, "peak_pss_mb": rss / 2, "processes": 6,
                        "samples": 30},
-            "system_cpu_busy_pct": 90.0 + number, "latencies_s": latencies}
+            "system_cpu_busy_pct": 90.0 + number, "latencies_s": latencies,
+            "command": "smtp_send.py --repeat 1"}
 
 
 def test_rounds_combine_into_one_result() -> None:
@@ -33,6 +34,7 @@ def test_rounds_combine_into_one_result() -> None:
     assert result["memory"]["peak_rss_mb"] == 850.0 and result["dns_queries"] == 20
     assert [r["msgs_per_s"] for r in result["rounds"]] == [200.0, 250.0]
     assert all("latencies_s" not in r for r in result["rounds"])
+    assert result["command"] == "smtp_send.py --repeat 1"
 
 
 def test_latencies_come_from_smtp_sends_csv(tmp_path: Path) -> None:
